@@ -1,0 +1,121 @@
+"""Shared plumbing: base directory, logging, device and torchrun/process-group setup."""
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+logger = logging.getLogger("nanochat")
+
+
+def get_base_dir():
+    """Every artifact (data, tokenizer, checkpoints, evals, report) lives under this one directory."""
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def get_dist_info():
+    """(is_distributed, rank, local_rank, world_size) from torchrun's environment."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def collective_timeout():
+    """Seconds a collective may wait before the process group aborts (a dead peer must not hang us forever)."""
+    return float(os.environ.get("NANOCHAT_COLLECTIVE_TIMEOUT", "600"))
+
+
+def compute_init(device_type=None, seed=1337, timeout_s=None):
+    """Set up torch for this process. Returns (ddp, rank, local_rank, world_size, device).
+
+    Under torchrun the default process group is created (nccl on CUDA, gloo on CPU) with a timeout so a
+    dead peer surfaces as an error rather than a hang. Plain `python` runs as a single process.
+    """
+    device_type = device_type or autodetect_device_type()
+    assert device_type in ("cuda", "mps", "cpu"), f"unknown device type {device_type}"
+    ddp, rank, local_rank, world_size = get_dist_info()
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.manual_seed(seed)
+    if device_type == "cpu" and ddp:
+        # several processes share the cores; one thread each avoids oversubscription
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if ddp:
+        timeout = datetime.timedelta(seconds=timeout_s or collective_timeout())
+        if device_type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
+        else:
+            device = torch.device(device_type)
+            dist.init_process_group(backend="gloo", timeout=timeout)
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast_context(device_type):
+    """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 matmuls are slow and not bit-stable)."""
+    import contextlib
+    if device_type == "cuda":
+        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device_type):
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_flops(device):
+    """bf16 dense peak FLOP/s for MFU; None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for key, flops in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40", 181e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
+
+
+class DummyWandb:
+    """Stands in for wandb when no --run is given."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run_name, project, config, master_process):
+    if not run_name or run_name == "dummy" or not master_process:
+        return DummyWandb()
+    import wandb
+    return wandb.init(project=project, name=run_name, config=config)
