@@ -1,0 +1,147 @@
+"""Atomic checkpoints: model, per-rank optimizer state, per-rank extras (loader, sync state), metadata.
+
+Layout: <base>/checkpoints/<stage>/<model_tag>/step_000123/{model.pt, meta.json, optim_rank0.pt, extra_rank0.pt, ...}
+Every rank writes into step_000123.partial/; after a barrier rank 0 renames it into place, so a directory
+without the .partial suffix is always complete (meta.json is written last, inside it, as a second guard).
+Multi-node runs need the checkpoint directory on a shared filesystem, as nanochat does.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import get_base_dir, logger
+
+STAGES = ("base", "mid", "sft", "rl")
+
+
+def checkpoint_dir(stage, model_tag):
+    assert stage in STAGES, f"unknown stage {stage!r}, expected one of {STAGES}"
+    return os.path.join(get_base_dir(), "checkpoints", stage, model_tag)
+
+
+def _step_dir(ckpt_dir, step):
+    return os.path.join(ckpt_dir, f"step_{step:06d}")
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_torch_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, extra=None):
+    """Called by every rank. model_state/meta are written by rank 0 only; optimizer_state and extra per rank."""
+    final = _step_dir(ckpt_dir, step)
+    partial = final + ".partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    _barrier()
+    if rank == 0:
+        _atomic_torch_save(_strip_compile_prefix(model_state), os.path.join(partial, "model.pt"))
+    if optimizer_state is not None:
+        _atomic_torch_save(optimizer_state, os.path.join(partial, f"optim_rank{rank}.pt"))
+    if extra is not None:
+        _atomic_torch_save(extra, os.path.join(partial, f"extra_rank{rank}.pt"))
+    _barrier()
+    if rank == 0:
+        meta = dict(meta, step=step)
+        with open(os.path.join(partial, "meta.json.tmp"), "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+        os.replace(os.path.join(partial, "meta.json.tmp"), os.path.join(partial, "meta.json"))
+        if os.path.exists(final):  # re-saving the same step: move the old one aside, then drop it
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
+            os.replace(partial, final)
+            shutil.rmtree(final + ".old")
+        else:
+            os.replace(partial, final)
+        logger.info(f"saved checkpoint {final}")
+    _barrier()
+    return final
+
+
+def _strip_compile_prefix(state):
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def find_last_step(ckpt_dir):
+    """Largest step with a complete checkpoint in ckpt_dir, or None."""
+    if not os.path.isdir(ckpt_dir):
+        return None
+    steps = []
+    for name in os.listdir(ckpt_dir):
+        m = re.fullmatch(r"step_(\d+)", name)
+        if m and os.path.exists(os.path.join(ckpt_dir, name, "meta.json")):
+            steps.append(int(m.group(1)))
+    return max(steps) if steps else None
+
+
+def load_checkpoint(ckpt_dir, step, device, rank=0, load_optimizer=True):
+    """(model_state, optimizer_state or None, meta, extra or None) of one rank."""
+    d = _step_dir(ckpt_dir, step)
+    meta_path = os.path.join(d, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"no complete checkpoint at {d}")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        model_state = torch.load(os.path.join(d, "model.pt"), map_location=device)
+        optimizer_state = extra = None
+        optim_path, extra_path = os.path.join(d, f"optim_rank{rank}.pt"), os.path.join(d, f"extra_rank{rank}.pt")
+        if load_optimizer and os.path.exists(optim_path):
+            optimizer_state = torch.load(optim_path, map_location=device)
+        if os.path.exists(extra_path):
+            extra = torch.load(extra_path, map_location="cpu")
+    except (RuntimeError, EOFError, json.JSONDecodeError, OSError) as e:
+        raise RuntimeError(f"corrupt checkpoint {d}: {e}") from e
+    return model_state, optimizer_state, meta, extra
+
+
+def latest_model_tag(stage):
+    """The most recently written model tag of a stage."""
+    root = os.path.join(get_base_dir(), "checkpoints", stage)
+    tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
+    if not tags:
+        raise FileNotFoundError(f"no {stage} checkpoints under {root}: train one first "
+                                f"(e.g. python -m scripts.{ {'base': 'base_train', 'mid': 'mid_train', 'sft': 'chat_sft', 'rl': 'chat_rl'}[stage]})")
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
+
+
+def build_model(model_state, meta, device, phase="eval"):
+    from nanochat.gpt import GPT, GPTConfig
+    config = GPTConfig(**meta["model_config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # buffers (rotary tables) are not in the state dict
+    model.load_state_dict(model_state, strict=True, assign=True)
+    model.train(phase == "train")
+    return model
+
+
+def load_model(source, device, phase="eval", model_tag=None, step=None):
+    """(model, tokenizer, meta) of a saved stage. Latest tag and step unless given."""
+    from nanochat.tokenizer import get_tokenizer
+    model_tag = model_tag or latest_model_tag(source)
+    ckpt_dir = checkpoint_dir(source, model_tag)
+    step = find_last_step(ckpt_dir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+    model_state, _, meta, _ = load_checkpoint(ckpt_dir, step, device, load_optimizer=False)
+    model = build_model(model_state, meta, device, phase)
+    tokenizer = get_tokenizer()
+    assert tokenizer.get_vocab_size() == model.config.vocab_size, \
+        f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {model.config.vocab_size}: wrong tokenizer for this checkpoint"
+    meta = dict(meta, model_tag=model_tag, source=source)
+    return model, tokenizer, meta
