@@ -62,6 +62,18 @@ def broadcast(tensor, src, group=None):
     return tensor
 
 
+def all_gather(tensor, group=None):
+    """List of every rank's `tensor` (same shape everywhere), counted as the payload this rank hands in."""
+    size = group_size(group)
+    if size == 1:
+        return [tensor]
+    out = [torch.empty_like(tensor) for _ in range(size)]
+    t0 = time.perf_counter()
+    dist.all_gather(out, tensor, group=group)
+    _record(group, tensor.numel() * tensor.element_size(), time.perf_counter() - t0)
+    return out
+
+
 def _record(group, nbytes, seconds):
     s = _stats[group_label(group)]
     s["bytes"] += nbytes
@@ -72,6 +84,17 @@ def _record(group, nbytes, seconds):
 def comm_stats():
     """Snapshot: {label: {"bytes", "calls", "seconds"}} since start (or the last reset)."""
     return {k: dict(v) for k, v in _stats.items()}
+
+
+def global_comm_stats(labels=("inner", "outer", "world")):
+    """{label: {"bytes", "seconds"}} summed over all ranks (the bookkeeping reduce itself is not counted)."""
+    local = torch.tensor([[_stats[l]["bytes"], _stats[l]["seconds"]] if l in _stats else [0.0, 0.0]
+                          for l in labels], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            local = local.cuda()
+        dist.all_reduce(local)
+    return {l: {"bytes": int(local[i, 0].item()), "seconds": local[i, 1].item()} for i, l in enumerate(labels)}
 
 
 def reset_comm_stats():

@@ -1,0 +1,229 @@
+"""DiLoCo wrapper: equivalences with DDP and local training, the outer Nesterov step, worker groups,
+communication accounting, compression. Distributed cases run on 2 or 4 gloo processes."""
+
+import argparse
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from diloco import add_sync_args, make_sync, make_worker_groups
+from diloco.compress import Compressor
+from nanochat import comm
+from tests.dist_utils import run_distributed
+
+
+class GroupSGD(torch.optim.Optimizer):
+    """Plain SGD whose gradients are averaged over a process group (the DDP path, minus Muon/AdamW)."""
+
+    def __init__(self, params, lr, process_group=None):
+        super().__init__(params, dict(lr=lr))
+        self.process_group = process_group
+
+    @torch.no_grad()
+    def step(self):
+        params = [p for g in self.param_groups for p in g["params"]]
+        comm.flat_all_reduce_mean([p.grad for p in params], self.process_group)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+def toy_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def toy_batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
+
+
+def sync_args(*argv):
+    return add_sync_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def flat_params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def train(model, sync, steps, rank, batch_rank=None):
+    """Run `steps` inner steps; return the parameters after each step."""
+    history = []
+    for step in range(steps):
+        x, y = toy_batch(rank if batch_rank is None else batch_rank, step)
+        nn.functional.mse_loss(model(x), y).backward()
+        sync.step()
+        history.append(flat_params(model))
+    return history
+
+
+# --- equivalences -------------------------------------------------------------------------------------
+
+def _ddp_vs_diloco_h1(rank, world_size):
+    model = toy_model()
+    groups = make_worker_groups(sync_args("--sync", "ddp"))
+    ddp = train(model, make_sync(sync_args("--sync", "ddp"), model, [GroupSGD(model.parameters(), 0.1, groups.inner)], groups), 5, rank)
+    model = toy_model()
+    args = sync_args("--sync", "diloco", "--diloco-h", "1", "--outer-lr", "1", "--outer-momentum", "0")
+    groups = make_worker_groups(args)
+    diloco = train(model, make_sync(args, model, [GroupSGD(model.parameters(), 0.1, groups.inner)], groups), 5, rank)
+    return ddp, diloco
+
+
+def test_diloco_h1_lr1_no_momentum_equals_ddp_sgd(tmp_path):
+    for ddp, diloco in run_distributed(_ddp_vs_diloco_h1, 2, tmp_path):
+        for a, b in zip(ddp, diloco):
+            assert (a - b).abs().max().item() < 1e-6
+        assert not torch.equal(ddp[0], ddp[-1])  # it did train
+
+
+def test_one_worker_lr1_no_momentum_equals_local_training():
+    """Single process, K=1: any H, outer lr 1, no momentum -> exactly plain local SGD."""
+    model = toy_model()
+    opt = GroupSGD(model.parameters(), 0.1)
+    local = []
+    for step in range(7):
+        x, y = toy_batch(0, step)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        model.zero_grad()
+        local.append(flat_params(model))
+    for h in (1, 3, 5):
+        model = toy_model()
+        args = sync_args("--sync", "diloco", "--diloco-h", str(h), "--outer-lr", "1", "--outer-momentum", "0")
+        history = train(model, make_sync(args, model, [GroupSGD(model.parameters(), 0.1)], make_worker_groups(args)), 7, 0)
+        for a, b in zip(local, history):
+            assert (a - b).abs().max().item() < 1e-6
+
+
+def test_outer_nesterov_step_matches_hand_computation():
+    h, lr_in, lr_out, mu = 2, 0.1, 0.7, 0.9
+    model = toy_model()
+    args = sync_args("--sync", "diloco", "--diloco-h", str(h), "--outer-lr", str(lr_out), "--outer-momentum", str(mu))
+    sync = make_sync(args, model, [GroupSGD(model.parameters(), lr_in)], make_worker_groups(args))
+    # the same rounds by hand, parameter by parameter
+    ref = toy_model()
+    theta = [p.detach().clone() for p in ref.parameters()]
+    buf = [torch.zeros_like(t) for t in theta]
+    step = 0
+    for _ in range(3):  # three outer rounds
+        for _ in range(h):
+            x, y = toy_batch(0, step)
+            ref.zero_grad()
+            nn.functional.mse_loss(ref(x), y).backward()
+            with torch.no_grad():
+                for p in ref.parameters():
+                    p -= lr_in * p.grad
+            x, y = toy_batch(0, step)
+            nn.functional.mse_loss(model(x), y).backward()
+            sync.step()
+            step += 1
+        with torch.no_grad():
+            for i, p in enumerate(ref.parameters()):
+                delta = theta[i] - p
+                buf[i] = mu * buf[i] + delta
+                theta[i] = theta[i] - lr_out * (delta + mu * buf[i])
+                p.copy_(theta[i])
+        for p_ref, p in zip(ref.parameters(), model.parameters()):
+            assert (p_ref - p).abs().max().item() < 1e-7
+    assert sync.num_syncs == 3
+
+
+# --- workers, groups and communication ------------------------------------------------------------------
+
+def _diverge_then_sync(rank, world_size, compression):
+    comm.reset_comm_stats()
+    model = toy_model()
+    args = sync_args("--sync", "diloco", "--diloco-h", "3", "--outer-compression", compression)
+    groups = make_worker_groups(args)
+    sync = make_sync(args, model, [GroupSGD(model.parameters(), 0.1, groups.inner)], groups)
+    comm.reset_comm_stats()  # leave out the one-time initial broadcast
+    history = train(model, sync, 6, rank)
+    return history, comm.comm_stats(), sum(p.numel() for p in model.parameters()), len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("compression", ["none", "bf16", "int8"])
+def test_workers_diverge_between_syncs_and_agree_after(tmp_path, compression):
+    (h0, stats, numel, ntensors), (h1, _, _, _) = run_distributed(_diverge_then_sync, 2, tmp_path, compression)
+    for step in range(6):
+        synced = (step + 1) % 3 == 0
+        if synced:
+            assert torch.equal(h0[step], h1[step]), f"workers differ right after the sync at step {step}"
+        else:
+            assert not torch.equal(h0[step], h1[step]), f"workers identical between syncs at step {step}"
+    expected = {"none": 4 * numel, "bf16": 2 * numel, "int8": numel + 4 * ntensors}[compression]
+    assert stats["outer"]["bytes"] == 2 * expected  # two syncs
+    assert "inner" not in stats or stats["inner"]["bytes"] == 0  # one rank per worker: nothing inside
+
+
+def _two_by_two(rank, world_size):
+    model = toy_model()
+    args = sync_args("--sync", "diloco", "--diloco-h", "2", "--diloco-workers", "2")
+    groups = make_worker_groups(args)
+    sync = make_sync(args, model, [GroupSGD(model.parameters(), 0.1, groups.inner)], groups)
+    comm.reset_comm_stats()
+    history = train(model, sync, 4, rank)
+    return history, comm.comm_stats(), groups.worker_id, [p.numel() for p in model.parameters()]
+
+
+def test_four_ranks_as_two_workers_of_two(tmp_path):
+    results = run_distributed(_two_by_two, 4, tmp_path)
+    hist = [r[0] for r in results]
+    assert [r[2] for r in results] == [0, 0, 1, 1]
+    numels = results[0][3]
+    numel = sum(numels)
+    for step in range(4):
+        # inside a worker: identical after every step (gradients averaged every step)
+        assert torch.equal(hist[0][step], hist[1][step]) and torch.equal(hist[2][step], hist[3][step])
+        if step % 2 == 1:  # outer sync every H=2
+            assert torch.equal(hist[0][step], hist[2][step])
+        else:
+            assert not torch.equal(hist[0][step], hist[2][step])
+    for rank, (_, stats, _, _) in enumerate(results):
+        assert stats["inner"]["calls"] >= 4  # a gradient all-reduce per step (+ the in-worker broadcasts)
+        # each rank sends only the parameters it owns (every 2nd tensor) across workers, per sync
+        owned = sum(n for i, n in enumerate(numels) if i % 2 == rank % 2)
+        assert stats["outer"]["bytes"] == 2 * 4 * owned
+    # summed over a worker's two ranks: one full model copy per sync
+    assert results[0][1]["outer"]["bytes"] + results[1][1]["outer"]["bytes"] == 2 * 4 * numel
+
+
+def test_int8_compression_error_feedback_keeps_the_sum():
+    """Over many rounds the error-feedback compressor transmits the true total (up to the last residual)."""
+    torch.manual_seed(0)
+    sizes = [100, 37]
+    c = Compressor("int8", sizes, torch.device("cpu"))
+    total_true, total_sent = torch.zeros(137), torch.zeros(137)
+    for _ in range(50):
+        x = torch.randn(137)
+        total_true += x
+        total_sent += c.all_reduce_mean(x.clone(), None)
+    residual = (total_true - total_sent - c.error).abs().max().item()
+    assert residual < 1e-4
+    assert c.error.abs().max().item() < 0.05  # one quantisation step, not an accumulation
+
+
+def _dying_worker(rank, world_size):
+    import os
+    import time
+    model = toy_model()
+    args = sync_args("--sync", "diloco", "--diloco-h", "1")
+    groups = make_worker_groups(args)
+    sync = make_sync(args, model, [GroupSGD(model.parameters(), 0.1, groups.inner)], groups)
+    if rank == 1:
+        os._exit(3)  # dies without a word
+    t0 = time.time()
+    try:
+        train(model, sync, 3, rank)
+    except Exception as e:  # what the survivor sees
+        return {"error": str(e), "seconds": time.time() - t0}
+    return {"error": None, "seconds": time.time() - t0}
+
+
+def test_dead_worker_makes_the_other_fail_fast(tmp_path):
+    result = run_distributed(_dying_worker, 2, tmp_path, timeout=60, check=False)[0]
+    assert result is not None, "the surviving rank hung or crashed without reporting"
+    assert result["error"], "the surviving rank carried on as if nothing happened"
+    assert result["seconds"] < 30
