@@ -352,8 +352,10 @@ def build_offline(out_dir=None, chat_dir=None, conversations=None, chars_per_sha
             groups.append(docs["val"])  # the validation shard is the last index, as in the real layout
             sizes = []
             for index, texts in enumerate(groups):
-                sizes.append(_write_shard(os.path.join(tmp, shard_name(index)), texts, row_group_size))
                 kind = "val" if index == len(groups) - 1 else "train"
+                # the small offline val shard gets small row groups, so up to 64 ranks each read a disjoint part
+                rows = row_group_size if kind == "train" else max(1, min(row_group_size, len(texts) // 64))
+                sizes.append(_write_shard(os.path.join(tmp, shard_name(index)), texts, rows))
                 print(f"{shard_name(index)} ({kind}): {len(texts):,} docs, {sum(map(len, texts)) / 1e6:.1f} M chars, "
                       f"{sizes[-1] / 1e6:.1f} MB", flush=True)
             summary.update(shards=len(groups), shard_bytes=sum(sizes))
