@@ -183,7 +183,8 @@ def test_offline_build_is_deterministic_and_splits_disjoint(base_dir, tmp_path):
         pf = pq.ParquetFile(path)
         assert pf.schema_arrow == pa.schema([("text", pa.string())])
         sizes = [pf.metadata.row_group(r).num_rows for r in range(pf.num_row_groups)]
-        assert all(s == 8 for s in sizes[:-1]) and 0 < sizes[-1] <= 8
+        rows = 8 if path != files[-1] else max(1, min(8, pf.metadata.num_rows // 64))  # val: small row groups
+        assert all(s == rows for s in sizes[:-1]) and 0 < sizes[-1] <= rows
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
         shard_texts.append(pq.read_table(path).column("text").to_pylist())
     train = [t for s in shard_texts[:-1] for t in s]
