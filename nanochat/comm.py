@@ -97,6 +97,13 @@ def global_comm_stats(labels=("inner", "outer", "world")):
     return {l: {"bytes": int(local[i, 0].item()), "seconds": local[i, 1].item()} for i, l in enumerate(labels)}
 
 
+def load_comm_stats(saved):
+    """Continue counting from a checkpoint's figures (so cumulative bytes survive a resume)."""
+    _stats.clear()
+    for label, s in saved.items():
+        _stats[label].update(s)
+
+
 def reset_comm_stats():
     _stats.clear()
 

@@ -1,0 +1,290 @@
+"""Pretrain the base model, with DDP or DiLoCo synchronisation.
+
+    python -m scripts.base_train                                   # one process (CPU: the tiny preset)
+    torchrun --nproc_per_node=2 -m scripts.base_train              # 2 processes (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=8 -m scripts.base_train --preset d20 --sync diloco --diloco-h 100
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+from diloco import add_sync_args, make_sync, make_worker_groups
+from nanochat import comm
+from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
+                             peak_flops, print0, synchronize)
+from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+# Presets: "tiny" learns visibly in minutes on 2 CPU cores; "d20" is nanochat's 8xH100 speedrun model.
+PRESETS = {
+    "tiny": dict(depth=2, aspect_ratio=64, head_dim=64, max_seq_len=256, device_batch_size=16,
+                 total_batch_size=8192, num_iterations=600, eval_every=100, eval_tokens=65536,
+                 sample_every=300, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004),
+    "d20": dict(depth=20, aspect_ratio=64, head_dim=128, max_seq_len=2048, device_batch_size=32,
+                total_batch_size=524288, num_iterations=-1, eval_every=250, eval_tokens=20 * 524288,
+                sample_every=2000, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004),
+}
+
+parser = argparse.ArgumentParser(description="Pretrain the base model (DDP or DiLoCo)")
+parser.add_argument("--preset", choices=["auto", *PRESETS], default="auto", help="auto: d20 on CUDA, tiny elsewhere")
+parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+parser.add_argument("--run", default="", help="wandb run name (default: no wandb)")
+parser.add_argument("--model-tag", default="", help="checkpoint folder name (default: d<depth>)")
+parser.add_argument("--seed", type=int, default=1337)
+# model
+parser.add_argument("--depth", type=int, default=None)
+parser.add_argument("--aspect-ratio", type=int, default=None, help="model width = depth * aspect ratio")
+parser.add_argument("--head-dim", type=int, default=None)
+parser.add_argument("--max-seq-len", type=int, default=None)
+# batch and horizon
+parser.add_argument("--device-batch-size", type=int, default=None, help="sequences per rank per micro-step")
+parser.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step, all ranks")
+parser.add_argument("--num-iterations", type=int, default=None, help="optimizer steps (-1: from --target-param-data-ratio)")
+parser.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla)")
+# optimisation
+parser.add_argument("--matrix-lr", type=float, default=None, help="Muon lr")
+parser.add_argument("--embedding-lr", type=float, default=None, help="AdamW lr of the embedding")
+parser.add_argument("--unembedding-lr", type=float, default=None, help="AdamW lr of the lm_head")
+parser.add_argument("--weight-decay", type=float, default=0.0)
+parser.add_argument("--warmup-ratio", type=float, default=0.0)
+parser.add_argument("--warmdown-ratio", type=float, default=0.2)
+parser.add_argument("--final-lr-frac", type=float, default=0.0)
+# evaluation, sampling, checkpoints
+parser.add_argument("--eval-every", type=int, default=None, help="steps between val bpb evals (0: only at the end)")
+parser.add_argument("--eval-tokens", type=int, default=None, help="val tokens per eval")
+parser.add_argument("--sample-every", type=int, default=None, help="steps between samples (0: only at the end)")
+parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --model-tag")
+parser.add_argument("--stop-after", type=int, default=-1,
+                    help="save and exit after this step without changing the schedule (time-sliced jobs)")
+parser.add_argument("--compile", type=int, choices=[0, 1], default=-1, help="torch.compile (default: on CUDA)")
+add_sync_args(parser)
+args = parser.parse_args()
+
+device_type = args.device_type or autodetect_device_type()
+preset = args.preset if args.preset != "auto" else ("d20" if device_type == "cuda" else "tiny")
+for key, value in PRESETS[preset].items():
+    if getattr(args, key) is None:
+        setattr(args, key, value)
+
+ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed,
+                                                         timeout_s=args.collective_timeout)
+master = rank == 0
+autocast = autocast_context(device_type)
+wandb_run = init_wandb(args.run, "nanochat-diloco", vars(args), master)
+
+# Tokenizer and model
+tokenizer = get_tokenizer()
+token_bytes = get_token_bytes(device=device)
+vocab_size = tokenizer.get_vocab_size()
+model_config = config_from_depth(args.depth, vocab_size, args.max_seq_len, aspect_ratio=args.aspect_ratio,
+                                 head_dim=args.head_dim)
+with torch.device("meta"):
+    model = GPT(model_config)
+model.to_empty(device=device)
+model.init_weights()
+num_params = model.num_params()
+flops_per_token = model.estimate_flops()
+print0(f"preset {preset} | {model_config} | {num_params:,} parameters | {flops_per_token:.3e} FLOPs/token")
+
+# Horizon and batch
+tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
+assert args.total_batch_size % tokens_per_micro_step == 0, \
+    f"--total-batch-size {args.total_batch_size} must be a multiple of {tokens_per_micro_step} (batch x seq x ranks)"
+grad_accum_steps = args.total_batch_size // tokens_per_micro_step
+num_iterations = args.num_iterations
+if num_iterations < 0:
+    num_iterations = round(args.target_param_data_ratio * num_params / args.total_batch_size)
+print0(f"{num_iterations} steps x {args.total_batch_size:,} tokens = {num_iterations * args.total_batch_size:,} tokens "
+       f"({grad_accum_steps} micro-steps of {args.device_batch_size}x{args.max_seq_len} per rank per step)")
+
+# Synchronisation (the DiLoCo seam), inner optimizers over the gradient-averaging group
+groups = make_worker_groups(args)
+optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                    matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
+                                    process_group=groups.inner)
+adamw, muon = optimizers
+sync = make_sync(args, model, optimizers, groups)
+if args.sync == "diloco":
+    print0(f"DiLoCo: {groups.num_workers} workers x {groups.ranks_per_worker} ranks, H={args.diloco_h}, "
+           f"outer lr {args.outer_lr}, momentum {args.outer_momentum}, nesterov {args.outer_nesterov}, "
+           f"compression {args.outer_compression}")
+    for every, name in ((args.eval_every, "--eval-every"), (args.save_every, "--save-every")):
+        if every > 0 and every % args.diloco_h:
+            print0(f"note: {name} {every} is not a multiple of H={args.diloco_h}: each eval/save forces an early outer sync")
+
+# Resume
+model_tag = args.model_tag or f"d{args.depth}"
+ckpt_dir = checkpoint_dir("base", model_tag)
+start_step, loader_state, elapsed_before = 0, None, 0.0
+if args.resume:
+    last = find_last_step(ckpt_dir)
+    if last is None:
+        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+    model_state, optim_state, meta, extra = load_checkpoint(ckpt_dir, last, device, rank=rank)
+    model.load_state_dict(model_state)
+    for opt, state in zip(optimizers, optim_state):
+        opt.load_state_dict(state)
+    sync.load_state_dict(extra["sync"])
+    comm.load_comm_stats(extra["comm"])
+    start_step, loader_state, elapsed_before = last, extra["loader"], meta["train_seconds"]
+    print0(f"resumed from {ckpt_dir} step {last}")
+train_model = torch.compile(model, dynamic=False) if (args.compile == 1 or (args.compile == -1 and device_type == "cuda")) else model
+
+train_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "train", tokenizer,
+                                                  device, resume_state=loader_state)
+x, y, state_after_x = next(train_loader)  # prefetch; loader_state = position before x
+
+
+def lr_multiplier(it):
+    warmup, warmdown = round(args.warmup_ratio * num_iterations), round(args.warmdown_ratio * num_iterations)
+    if it < warmup:
+        return (it + 1) / warmup
+    if it <= num_iterations - warmdown:
+        return 1.0
+    return (num_iterations - it) / warmdown * (1 - args.final_lr_frac) + args.final_lr_frac
+
+
+def muon_momentum(it):
+    frac = min(it / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def evaluate():
+    model.eval()
+    val_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "val", tokenizer, device)
+    steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
+    with autocast:
+        bpb = evaluate_bpb(model, val_loader, steps, token_bytes)
+    model.train()
+    return bpb
+
+
+def sample():
+    prompts = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+               "My favorite color is", "def fibonacci(n):"]
+    model.eval()
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend="<|bos|>")
+        with autocast:
+            out = list(model.generate(ids, max_tokens=16, temperature=0))
+        print0(f"  sample: {tokenizer.decode(ids[1:] + out)!r}")
+    model.train()
+
+
+metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
+if master:  # keep the history up to the resume point; the resumed run appends the rest
+    os.makedirs(ckpt_dir, exist_ok=True)
+    kept = []
+    if args.resume and os.path.exists(metrics_path):
+        # a loss record's step counts steps done; an eval record's step is where it ran (re-run on resume)
+        kept = [line for line in open(metrics_path)
+                if json.loads(line)["step"] < start_step or (json.loads(line)["step"] == start_step and "loss" in line)]
+    with open(metrics_path, "w") as f:
+        f.writelines(kept)
+
+
+def log_metrics(record):
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    wandb_run.log(record)
+
+
+def comm_figures():
+    stats = comm.global_comm_stats()
+    return {f"{label}_bytes": stats[label]["bytes"] for label in ("inner", "outer")}
+
+
+# Training loop
+peak = peak_flops(device)
+val_bpb = min_val_bpb = float("nan")
+train_seconds = elapsed_before
+smooth_loss = 0.0
+step = start_step
+for step in range(start_step, num_iterations + 1):
+    last_step = step == num_iterations
+    stopping = last_step or step == args.stop_after
+    tokens_seen = step * args.total_batch_size
+    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+        sync.synchronize()  # evaluate theta_global, never a drifted replica
+        val_bpb = evaluate()
+        min_val_bpb = val_bpb if math.isnan(min_val_bpb) else min(min_val_bpb, val_bpb)
+        figures = comm_figures()
+        print0(f"step {step:05d} | val bpb {val_bpb:.4f} | tokens {tokens_seen:,} | "
+               f"inner {figures['inner_bytes']:,} B | outer {figures['outer_bytes']:,} B")
+        log_metrics({"step": step, "tokens": tokens_seen, "val_bpb": val_bpb, "train_seconds": train_seconds, **figures})
+    if last_step or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0):
+        sync.synchronize()  # collective: every rank takes part, rank 0 samples
+        if master:
+            sample()
+    if stopping or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
+        sync.synchronize()
+        meta = {"model_config": vars(model_config), "user_config": vars(args), "stage": "base", "preset": preset,
+                "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "tokens": tokens_seen, "train_seconds": train_seconds,
+                "num_iterations": num_iterations, "world_size": world_size, "sync": args.sync, **comm_figures()}
+        save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta, rank=rank,
+                        extra={"loader": loader_state, "sync": sync.state_dict(), "comm": comm.comm_stats()})
+    if stopping:
+        break
+
+    # one optimizer step: grad_accum micro-steps, then the inner step (and maybe the outer one)
+    synchronize(device_type)
+    t0 = time.time()
+    for _ in range(grad_accum_steps):
+        with autocast:
+            loss = train_model(x, y)
+        (loss / grad_accum_steps).backward()
+        loader_state = state_after_x
+        x, y, state_after_x = next(train_loader)
+    lrm = lr_multiplier(step)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(step)
+    sync.step()
+    synchronize(device_type)
+    dt = time.time() - t0
+    train_seconds += dt
+
+    loss_value = loss.item()  # this rank's last micro-batch loss: no extra communication just to log
+    smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
+    debiased = smooth_loss / (1 - 0.9 ** (step - start_step + 1))
+    tok_per_s = args.total_batch_size / dt
+    mfu = f"{100 * flops_per_token * tok_per_s / (peak * world_size):.1f}%" if peak else "-"
+    stats = comm.comm_stats()
+    print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.0f} ms | "
+           f"tok/s {tok_per_s:,.0f} | mfu {mfu} | inner {stats.get('inner', {}).get('bytes', 0):,} B | "
+           f"outer {stats.get('outer', {}).get('bytes', 0):,} B (this rank)")
+    log_metrics({"step": step + 1, "loss": loss_value, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s})
+
+# Summary
+figures = comm_figures()
+tokens_total = step * args.total_batch_size
+print0(f"done: {step} steps, {tokens_total:,} tokens, val bpb {val_bpb:.4f}, {train_seconds:.1f} s training, "
+       f"peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device_type == "cuda" else
+       f"done: {step} steps, {tokens_total:,} tokens, val bpb {val_bpb:.4f}, {train_seconds:.1f} s training")
+if last_step:
+    bytes_across = figures["outer_bytes"] if args.sync == "diloco" else figures["inner_bytes"]
+    get_report().log(section="Base model training", data=[
+        {"preset": preset, "depth": args.depth, "parameters": num_params, "vocab": vocab_size, "ranks": world_size,
+         "sync": args.sync, **({"diloco_h": args.diloco_h, "workers": groups.num_workers, "outer_lr": args.outer_lr,
+                                 "outer_momentum": args.outer_momentum, "compression": args.outer_compression}
+                                if args.sync == "diloco" else {})},
+        {"steps": num_iterations, "tokens": tokens_total, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
+         "train_seconds": train_seconds, "tokens_per_second": tokens_total / max(train_seconds, 1e-9),
+         "inner_bytes": figures["inner_bytes"], "outer_bytes": figures["outer_bytes"],
+         "bytes_across_workers": bytes_across, "bytes_across_workers_per_token": bytes_across / max(tokens_total, 1)},
+    ])
+wandb_run.finish()
+compute_cleanup()
