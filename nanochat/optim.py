@@ -1,0 +1,106 @@
+"""Muon and AdamW, local or data-parallel over any process group.
+
+With a group of size > 1 (process_group=None means the world once torch.distributed is initialised) each
+step first averages the gradients over the group with ONE flat all-reduce (nanochat.comm, counted), then
+updates locally, so every rank holds the same parameters and optimizer state and the step equals the
+local optimizer's on the global batch. An all-reduce rather than nanochat's reduce-scatter + all-gather:
+gloo (CPU) has no reduce_scatter, and one code path for CPU and GPU is simpler; the cost is that each rank
+computes the whole update instead of its shard. A group of size 1 never communicates.
+"""
+
+from collections import defaultdict
+
+import torch
+
+from nanochat.comm import flat_all_reduce_mean
+
+
+def _averaged_grads(optimizer):
+    """Every parameter's gradient, averaged in place over the optimizer's process group."""
+    grads = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                raise RuntimeError(f"{type(optimizer).__name__}.step: a parameter of shape {tuple(p.shape)} has no "
+                                   "gradient; every parameter must take part in the loss before step()")
+            grads.append(p.grad)
+    flat_all_reduce_mean(grads, optimizer.process_group)
+    return grads
+
+
+def zeropower_via_newtonschulz5(G, steps):
+    """Approximately orthogonalise G (..., m, n): push its singular values towards 1 with a quintic
+    Newton-Schulz iteration whose coefficients favour speed over exactness (they land in roughly [0.7, 1.2]).
+    bf16 on CUDA (fast, and the result is only a direction); fp32 elsewhere (deterministic)."""
+    assert G.ndim >= 2
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    wide = X.size(-2) <= X.size(-1)
+    if not wide:  # iterate on the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X if wide else X.mT
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum SGD whose update for each matrix is orthogonalised (Newton-Schulz) and scaled by
+    sqrt(max(1, rows/cols)). For 2D parameters only."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, process_group=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        self.process_group = process_group
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "closures are not supported"
+        _averaged_grads(self)
+        for group in self.param_groups:
+            momentum = group["momentum"]
+            by_shape = defaultdict(list)  # same-shape matrices are orthogonalised as one batch
+            for p in group["params"]:
+                by_shape[p.shape].append(p)
+            for shape, params in by_shape.items():
+                updates = []
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = state["momentum_buffer"]
+                    buf.lerp_(p.grad, 1 - momentum)
+                    updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+                ortho = zeropower_via_newtonschulz5(torch.stack(updates), group["ns_steps"])
+                lr = group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5
+                for p, u in zip(params, ortho):
+                    p.add_(u.to(p.dtype), alpha=-lr)
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with bias correction and decoupled weight decay (p *= 1 - lr * wd)."""
+
+    def __init__(self, param_groups, lr=1e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, process_group=None):
+        super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.process_group = process_group
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "closures are not supported"
+        _averaged_grads(self)
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
+                m.lerp_(g, 1 - beta1)
+                v.lerp_(g.square(), 1 - beta2)
+                denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
