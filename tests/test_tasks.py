@@ -10,13 +10,13 @@ import re
 import pytest
 
 import tasks.common
-
 from tasks.arc import ARC
 from tasks.chat import ChatData
 from tasks.common import NotAvailableOffline, Task, TaskMixture, TaskSequence, render_mc
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval, extract_code
 from tasks.mmlu import MMLU
+from tasks.spellingbee import SpellingBee, chat_words
 
 
 def test_offline_split_sizes():
@@ -199,23 +199,60 @@ def test_task_mixture_and_sequence():
     assert len(real) == 30 and sum("letters" in c for c in real) == 20
 
 
-def test_chat_data_offline(base_dir):
+def write_chat_data(convs):
     from nanochat.dataset import chat_data_path
+    for split, rows in convs.items():
+        os.makedirs(os.path.dirname(chat_data_path(split)), exist_ok=True)
+        with open(chat_data_path(split), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_chat_data_offline(base_dir):
     convs = {
         "train": [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}]},
                   {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                                 {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]}],
         "val": [{"messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]}],
     }
-    for split, rows in convs.items():
-        os.makedirs(os.path.dirname(chat_data_path(split)), exist_ok=True)
-        with open(chat_data_path(split), "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    write_chat_data(convs)
     train, val = ChatData("train"), ChatData("val")
     assert list(train) == convs["train"] and list(val) == convs["val"]
     assert train.eval_type == "generative"
     with pytest.raises(NotImplementedError):
         train.evaluate(train[0], "hello!")
+
+
+def test_spellingbee():
+    from nanochat.execution import use_calculator
+    task = SpellingBee(300, "train", words=["strawberry", "banana", "cat", "mississippi"])
+    i = next(i for i in range(len(task)) if task[i]["messages"][1]["content"][1]["text"] == '"strawberry".count("r")')
+    assert task[i]["messages"][1]["content"] == [
+        {"type": "text", "text": "Spelling out strawberry and counting each r: s t r(1) a w b e r(2) r(3) y. That makes 3."
+                                 "\n\nLet me check with Python: "},
+        {"type": "python", "text": '"strawberry".count("r")'},
+        {"type": "python_output", "text": "3"},
+        {"type": "text", "text": "\n\nSo the answer is 3.\n\n#### 3"}]
+    assert task.evaluate(task[i], "#### 3") == 1 and task.evaluate(task[i], "#### 2") == 0 and task.reward(task[i], "3") == 0.0
+    counts = []
+    for conv in task:
+        parts = conv["messages"][1]["content"]
+        word, letter = re.fullmatch(r'"(\w+)".count\("(\w)"\)', parts[1]["text"]).groups()
+        assert word in conv["messages"][0]["content"] and parts[2]["text"] == str(word.count(letter))
+        assert use_calculator(parts[1]["text"]) == parts[2]["text"]  # the engine's tool gives the trained output
+        assert task.evaluate(conv, parts[-1]["text"]) == 1
+        counts.append(word.count(letter))
+    assert 0 in counts and 4 in counts  # absent letters and mississippi's s/i
+    assert task[7] == SpellingBee(300, "train", words=task.words)[7]  # reproducible by index
+    val = SpellingBee(300, "val", words=task.words)
+    assert sum(task[j] == val[j] for j in range(50)) < 25
+
+
+def test_spellingbee_words_from_chat_data(base_dir):
+    write_chat_data({"train": [
+        {"messages": [{"role": "user", "content": "The cat sat. The CAT ran!"}, {"role": "assistant", "content": "A cat, yes: x2 cat. the"}]},
+        {"messages": [{"role": "user", "content": "Dogs bark at dogs, dogs!"}, {"role": "assistant", "content": "ok"}]}]})
+    assert chat_words("train") == ["cat", "dogs", "the"]
+    assert SpellingBee(5, "train").words == ["cat", "dogs", "the"]
 
 
 @pytest.fixture
