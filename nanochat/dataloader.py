@@ -60,3 +60,47 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer=None, device="cpu"
         inputs = buf[:-1].view(B, T).to(device, non_blocking=use_pinned)
         targets = buf[1:].view(B, T).to(device, non_blocking=use_pinned)
         yield inputs, targets, {"row_group": row_group, "epoch": epoch, "pos": pos}
+
+
+def conversation_stream_loader(task, tokenizer, B, T, device="cpu", rank=0, world_size=1):
+    """Midtraining batches: rank r renders conversations r, r+W, ... of `task` and packs their tokens into a
+    stream, like pretraining (every token is a target; the model learns the chat format itself). Loops
+    over the task forever; yields (inputs, targets, epoch)."""
+    needed = B * T + 1
+    buffer, epoch = [], 0
+    while True:
+        for index in range(rank, len(task), world_size):
+            ids, _ = tokenizer.render_conversation(task[index], max_tokens=T + 1)
+            buffer.extend(ids)
+            while len(buffer) >= needed:
+                buf = torch.tensor(buffer[:needed], dtype=torch.long)
+                del buffer[:needed]
+                yield buf[:-1].view(B, T).to(device), buf[1:].view(B, T).to(device), epoch
+        epoch += 1
+
+
+def conversation_padded_loader(task, tokenizer, B, T, device="cpu", rank=0, world_size=1):
+    """SFT batches: B whole conversations per batch (rank r takes r, r+W, ...), each truncated to T+1 tokens
+    and padded; only assistant-produced tokens (the render mask) are targets, the rest are -1. Loops
+    forever; yields (inputs, targets, epoch)."""
+    pad = tokenizer.get_bos_token_id()
+    rows, epoch = [], 0
+    while True:
+        for index in range(rank, len(task), world_size):
+            rows.append(tokenizer.render_conversation(task[index], max_tokens=T + 1))
+            if len(rows) == B:
+                width = max(len(ids) for ids, _ in rows)
+                inputs = torch.full((B, width - 1), pad, dtype=torch.long)
+                targets = torch.full((B, width - 1), -1, dtype=torch.long)
+                for i, (ids, mask) in enumerate(rows):
+                    ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+                    inputs[i, :len(ids) - 1] = ids_t[:-1]
+                    targets[i, :len(ids) - 1] = torch.where(mask_t[1:] == 1, ids_t[1:], -1)
+                rows = []
+                yield inputs.to(device), targets.to(device), epoch
+        epoch += 1
+
+
+def count_conversation_tokens(task, tokenizer, T):
+    """Tokens the task renders to (each conversation truncated to T+1), for sizing an epoch."""
+    return sum(len(tokenizer.render_conversation(task[i], max_tokens=T + 1)[0]) for i in range(len(task)))

@@ -1,0 +1,156 @@
+"""Midtraining: teach a base model the chat format, tool use and multiple choice, with DDP or DiLoCo.
+
+    python -m scripts.mid_train --model-tag d20
+    torchrun --nproc_per_node=8 -m scripts.mid_train --sync diloco --diloco-h 100
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from diloco import add_sync_args, make_sync, make_worker_groups
+from nanochat import comm
+from nanochat.checkpoint import checkpoint_dir, load_model, save_checkpoint
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
+                             print0, synchronize)
+from nanochat.dataloader import conversation_stream_loader, count_conversation_tokens
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+from tasks.mixtures import training_mixture, validation_task
+
+parser = argparse.ArgumentParser(description="Midtrain a base model on conversation mixtures (DDP or DiLoCo)")
+parser.add_argument("--source", choices=["base", "mid"], default="base", help="stage to start from")
+parser.add_argument("--model-tag", default=None, help="tag of the checkpoint to start from (default: latest)")
+parser.add_argument("--step", type=int, default=None, help="step of the checkpoint to start from (default: last)")
+parser.add_argument("--output-tag", default=None, help="tag to save under (default: --model-tag)")
+parser.add_argument("--device-type", default="")
+parser.add_argument("--run", default="", help="wandb run name (default: no wandb)")
+parser.add_argument("--seed", type=int, default=1337)
+parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one epoch of the mixture)")
+parser.add_argument("--max-seq-len", type=int, default=None, help="default: the model's")
+parser.add_argument("--device-batch-size", type=int, default=None, help="default: 32 on CUDA, 16 elsewhere")
+parser.add_argument("--total-batch-size", type=int, default=None, help="tokens per step (default: one micro-step on every rank)")
+parser.add_argument("--matrix-lr", type=float, default=0.02)
+parser.add_argument("--embedding-lr", type=float, default=0.2)
+parser.add_argument("--unembedding-lr", type=float, default=0.004)
+parser.add_argument("--init-lr-frac", type=float, default=1.0, help="all lrs scaled by this at the start")
+parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="last fraction of steps: lr decays to 0")
+parser.add_argument("--eval-every", type=int, default=150, help="steps between val bpb evals (0: only at the end)")
+parser.add_argument("--eval-tokens", type=int, default=None, help="val tokens per eval (default: 20 batches)")
+parser.add_argument("--compile", type=int, choices=[0, 1], default=-1, help="torch.compile (default: on CUDA)")
+add_sync_args(parser)
+args = parser.parse_args()
+
+device_type = args.device_type or autodetect_device_type()
+ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed, timeout_s=args.collective_timeout)
+master = rank == 0
+autocast = autocast_context(device_type)
+wandb_run = init_wandb(args.run, "nanochat-diloco-mid", vars(args), master)
+
+model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
+output_tag = args.output_tag or source_meta["model_tag"]
+token_bytes = get_token_bytes(device=device)
+T = args.max_seq_len or model.config.sequence_len
+B = args.device_batch_size or (32 if device_type == "cuda" else 16)
+total_batch_size = args.total_batch_size or B * T * world_size
+assert total_batch_size % (B * T * world_size) == 0, f"--total-batch-size must be a multiple of {B * T * world_size}"
+grad_accum_steps = total_batch_size // (B * T * world_size)
+
+groups = make_worker_groups(args)
+optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                    matrix_lr=args.matrix_lr, process_group=groups.inner)
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"] = group["lr"] * args.init_lr_frac
+sync = make_sync(args, model, optimizers, groups)
+train_model = torch.compile(model, dynamic=False) if (args.compile == 1 or (args.compile == -1 and device_type == "cuda")) else model
+
+mixture, used, missing = training_mixture("mid")
+for name, n in used:
+    print0(f"mixture: {name}: {n:,} conversations")
+for name in missing:
+    print0(f"mixture: {name}: NOT AVAILABLE offline, left out")
+val_task = validation_task()
+num_iterations = args.num_iterations
+if num_iterations < 0:
+    num_iterations = max(1, count_conversation_tokens(mixture, tokenizer, T) // total_batch_size)
+print0(f"from {args.source}/{source_meta['model_tag']} step {source_meta['step']} | {num_iterations} steps x "
+       f"{total_batch_size:,} tokens | sync {args.sync}")
+
+train_loader = conversation_stream_loader(mixture, tokenizer, B, T, device, rank, world_size)
+
+
+def lr_multiplier(it):
+    warmdown = round(args.warmdown_ratio * num_iterations)
+    return 1.0 if it < num_iterations - warmdown else (num_iterations - it) / max(warmdown, 1)
+
+
+def evaluate():
+    model.eval()
+    val_loader = conversation_stream_loader(val_task, tokenizer, B, T, device, rank, world_size)
+    steps = max(1, (args.eval_tokens or 20 * B * T * world_size) // (B * T * world_size))
+    with autocast:
+        bpb = evaluate_bpb(model, val_loader, steps, token_bytes)
+    model.train()
+    return bpb
+
+
+ckpt_dir = checkpoint_dir("mid", output_tag)
+metrics = []
+train_seconds, val_bpb = 0.0, float("nan")
+comm.reset_comm_stats()
+for step in range(num_iterations + 1):
+    last_step = step == num_iterations
+    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+        sync.synchronize()
+        val_bpb = evaluate()
+        print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        metrics.append({"step": step, "tokens": step * total_batch_size, "val_bpb": val_bpb})
+    if last_step:
+        break
+    synchronize(device_type)
+    t0 = time.time()
+    for _ in range(grad_accum_steps):
+        x, y, epoch = next(train_loader)
+        with autocast:
+            loss = train_model(x, y)
+        (loss / grad_accum_steps).backward()
+    lrm = lr_multiplier(step)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    sync.step()
+    synchronize(device_type)
+    dt = time.time() - t0
+    train_seconds += dt
+    print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {loss.item():.4f} | lrm {lrm:.2f} | epoch {epoch} | "
+           f"dt {dt * 1000:.0f} ms | tok/s {total_batch_size / dt:,.0f}")
+    metrics.append({"step": step + 1, "loss": loss.item()})
+    wandb_run.log({"step": step + 1, "loss": loss.item(), "lrm": lrm})
+
+stats = comm.global_comm_stats()
+bytes_across = stats["outer"]["bytes"] if args.sync == "diloco" else stats["inner"]["bytes"]
+meta = {"model_config": vars(model.config), "user_config": vars(args), "stage": "mid", "source": args.source,
+        "source_tag": source_meta["model_tag"], "source_step": source_meta["step"], "val_bpb": val_bpb,
+        "tokens": num_iterations * total_batch_size, "train_seconds": train_seconds, "sync": args.sync,
+        "inner_bytes": stats["inner"]["bytes"], "outer_bytes": stats["outer"]["bytes"], "bytes_across_workers": bytes_across,
+        "mixture": used, "missing": missing}
+save_checkpoint(ckpt_dir, num_iterations, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                rank=rank, extra={"sync": sync.state_dict()})
+if master:
+    with open(os.path.join(ckpt_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in metrics)
+get_report().log(section="Midtraining", data=[
+    {"source": f"{args.source}/{source_meta['model_tag']} step {source_meta['step']}", "sync": args.sync,
+     **({"diloco_h": args.diloco_h, "workers": groups.num_workers} if args.sync == "diloco" else {})},
+    {name: n for name, n in used}, {"missing offline": ", ".join(missing) or "none"},
+    {"steps": num_iterations, "tokens": num_iterations * total_batch_size, "val_bpb": val_bpb,
+     "train_seconds": train_seconds, "bytes_across_workers": bytes_across},
+])
+print0(f"done: val bpb {val_bpb:.4f}, {train_seconds:.1f} s, checkpoint {ckpt_dir}")
+wandb_run.finish()
+compute_cleanup()
