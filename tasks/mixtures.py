@@ -1,6 +1,7 @@
 """The training mixtures of midtraining and SFT, built from what is reachable.
 
-Online they follow nanochat (SmolTalk, MMLU auxiliary_train, GSM8K train, ARC train). Offline some of those
+Online they follow nanochat (SmolTalk, MMLU auxiliary_train, GSM8K train, ARC train, spelling with the
+calculator tool). Offline some of those
 exist nowhere (see shared DATA.md): the mixture leaves them out and says so, and never substitutes a split
 that is reported as a test score. MMLU's dev and validation splits (not the reported test split) stand in
 for auxiliary_train offline, so the model still sees the multiple-choice format.
@@ -11,6 +12,7 @@ from tasks.chat import ChatData
 from tasks.common import NotAvailableOffline, TaskMixture
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
+from tasks.spellingbee import SpellingBee
 
 SOURCES = {
     "mid": [
@@ -19,6 +21,7 @@ SOURCES = {
         ("GSM8K train", lambda: GSM8K("main", "train")),
         ("ARC-Easy train", lambda: ARC("ARC-Easy", "train")),
         ("ARC-Challenge train", lambda: ARC("ARC-Challenge", "train")),
+        ("SpellingBee (tool use)", lambda: SpellingBee(size=2000, split="train")),
     ],
     "sft": [
         ("chat (SmolTalk, offline ShareGPT)", lambda: ChatData("train", stop=10_000)),
