@@ -1,0 +1,134 @@
+"""Inference: batched sampling with a KV cache, several samples per prompt, and calculator tool use.
+
+The prompt is prefilled once at batch size 1, its cache is copied into num_samples rows, then every step
+feeds one token per row. A row that closes a python block (python_start ... python_end) gets the value of
+the expression forced in as output_start <result> output_end before the model continues.
+"""
+
+from collections import deque
+
+import torch
+
+from nanochat.common import autocast_context
+from nanochat.execution import use_calculator
+from nanochat.gpt import KVCache, sample_next_token
+
+
+class RowState:
+    """Per-sample bookkeeping: pending forced tokens and the python block being written."""
+
+    def __init__(self):
+        self.forced = deque()
+        self.python_tokens = None  # list while inside a python block
+        self.done = False
+
+
+class Engine:
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        enc = tokenizer.encode_special
+        self.python_start, self.python_end = enc("<|python_start|>"), enc("<|python_end|>")
+        self.output_start, self.output_end = enc("<|output_start|>"), enc("<|output_end|>")
+        self.stop_tokens = {enc("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+
+    def _new_cache(self, batch_size, seq_len):
+        c = self.model.config  # device and dtype follow the first keys written (bf16 under CUDA autocast)
+        return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer)
+
+    def _forward(self, ids, kv_cache, device):
+        with autocast_context(device.type):
+            return self.model(ids, kv_cache=kv_cache)[:, -1, :]
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        """Yields (token_column, token_masks) per step: one token per sample; mask 0 marks forced tool output."""
+        assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "tokens must be a non-empty list of ids"
+        device = self.model.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed)
+        # The cache must hold the prompt plus every generated token; the model's context bounds the total.
+        room = self.model.config.sequence_len - len(tokens)
+        assert room > 0, f"prompt of {len(tokens)} tokens leaves no room in a context of {self.model.config.sequence_len}"
+        max_tokens = room if max_tokens is None else min(max_tokens, room)
+
+        kv_prefill = self._new_cache(1, len(tokens))
+        logits = self._forward(torch.tensor([tokens], dtype=torch.long, device=device), kv_prefill, device)
+        kv_cache = self._new_cache(num_samples, len(tokens) + max_tokens)
+        kv_cache.prefill(kv_prefill)
+        del kv_prefill
+        logits = logits.expand(num_samples, -1)
+        rows = [RowState() for _ in range(num_samples)]
+
+        for _ in range(max_tokens):
+            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
+            column, masks = [], []
+            for row, token in zip(rows, sampled):
+                forced = bool(row.forced)
+                token = row.forced.popleft() if forced else token
+                column.append(token)
+                masks.append(0 if forced else 1)
+                self._track(row, token)
+            yield column, masks
+            if all(row.done for row in rows):
+                break
+            ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
+            logits = self._forward(ids, kv_cache, device)
+
+    def _track(self, row, token):
+        """Advance one row's state machine with the token it just emitted."""
+        if token in self.stop_tokens:
+            row.done = True
+        elif token == self.python_start:
+            row.python_tokens = []
+        elif token == self.python_end and row.python_tokens is not None:
+            # the safe calculator (arithmetic, str.count); anything else gets no output and the model goes on
+            result = use_calculator(self.tokenizer.decode(row.python_tokens))
+            row.python_tokens = None
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.python_tokens is not None:
+            row.python_tokens.append(token)
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """Generated ids (without the prompt or the stop token) and their masks, one list per sample."""
+        results = [[] for _ in range(num_samples)]
+        masks = [[] for _ in range(num_samples)]
+        done = [False] * num_samples
+        for column, column_masks in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, column_masks)):
+                if done[i]:
+                    continue
+                if token in self.stop_tokens:
+                    done[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+            if all(done):
+                break
+        return results, masks
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces without ever splitting a UTF-8 character.
+
+    A character can span several byte-level tokens; ids are held back while their decoding ends in the
+    replacement character, then released together (after 8 ids the bytes are taken as genuinely invalid).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = []
+
+    def push(self, token):
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 8:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self):
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
