@@ -77,6 +77,9 @@ def compute_init(device_type=None, seed=1337, timeout_s=None):
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
+        # every rank reaches this point before any tears down: a rank that destroys its process group
+        # while a peer is still using the connection can abort the peer at exit ("terminate called...")
+        dist.barrier()
         dist.destroy_process_group()
 
 

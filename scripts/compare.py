@@ -115,9 +115,16 @@ class Runner:
             os.remove(self.marker_path(name))  # a stage that fails half-way leaves no marker behind
         print(f"[{name}] {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        proc = subprocess.run(cmd, env=dict(os.environ, **(env or {})))
+        log_path = os.path.join(self.run_dir, f"{name}.log")
+        with open(log_path, "w") as log:  # the stage's output goes to the terminal and to its log file
+            proc = subprocess.Popen(cmd, env=dict(os.environ, **(env or {})), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            proc.wait()
         if proc.returncode != 0:
-            raise SystemExit(f"[{name}] failed with exit code {proc.returncode}: {' '.join(cmd)}")
+            raise SystemExit(f"[{name}] failed with exit code {proc.returncode} (log: {log_path}): {' '.join(cmd)}")
         seconds = time.time() - t0
         outputs = find_outputs()
         marker = {"name": name, "cmd": cmd, "seconds": seconds, "inputs": {i: self.digest(i) for i in inputs},
@@ -227,10 +234,10 @@ def collect_arm(runner, arm, stages, base_tag):
         base_eval = json.load(f)
     with open(eval_file("chat_sft", arm)) as f:
         chat_eval = json.load(f)
-    chat_scores = chat_eval.get("results", chat_eval)
-    row = {"val_bpb": base_meta["val_bpb"], "CORE": base_eval["core_metric"]}
-    for task in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"):
-        row[task] = chat_scores[task]
+    row = {"val_bpb": base_meta["val_bpb"], "CORE": base_eval["core"]}
+    for task in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"):
+        row[task] = chat_eval["tasks"][task]["accuracy"]
+    row["ChatCORE"] = chat_eval["ChatCORE"]
     across = lambda m: m["outer_bytes"] if m["sync"] == "diloco" else m["inner_bytes"]
     row["bytes_across_workers"] = across(base_meta) + across(mid_meta) + across(sft_meta)
     row["wall_seconds"] = sum(runner.marker(s)["seconds"] for s in stages)
@@ -238,8 +245,8 @@ def collect_arm(runner, arm, stages, base_tag):
     curve = [r for r in curve if "val_bpb" in r]
     return {"row": row, "curve": curve, "sync": ARMS[arm], "base_meta": base_meta,
             "configs": {"base": base_meta["user_config"], "mid": mid_meta["user_config"], "sft": sft_meta["user_config"]},
-            "core_tasks": {"used": base_eval.get("tasks_used"), "missing": base_eval.get("tasks_missing"),
-                           "source": base_eval.get("source")}}
+            "core_tasks": {"used": base_eval["core_tasks_used"], "missing": base_eval["core_tasks_missing"],
+                           "source": base_eval["core_source"]}}
 
 
 COLUMNS = ["val_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE",
@@ -254,13 +261,21 @@ def fmt(key, value):
     return f"{value:.4f}"
 
 
+def effective_config(config):
+    """A stage's flags as they acted: DiLoCo flags mean nothing under DDP, checkpoint tags are names only."""
+    ddp = config.get("sync") == "ddp"
+    return {k: ("-" if ddp and k.startswith(("diloco", "outer")) else v) for k, v in config.items()
+            if k not in ("model_tag", "output_tag")}
+
+
 def differing_hyperparameters(results):
     """Every (stage, flag) whose value differs between arms."""
     rows = []
     for stage in ("base", "mid", "sft"):
-        keys = sorted(set().union(*(r["configs"][stage].keys() for r in results.values())))
+        configs = {arm: effective_config(r["configs"][stage]) for arm, r in results.items()}
+        keys = sorted(set().union(*(c.keys() for c in configs.values())))
         for key in keys:
-            values = {arm: r["configs"][stage].get(key) for arm, r in results.items()}
+            values = {arm: c.get(key) for arm, c in configs.items()}
             if len({json.dumps(v) for v in values.values()}) > 1:
                 rows.append((stage, key, values))
     return rows

@@ -22,6 +22,7 @@ def _entry(rank, world_size, port, out_dir, fn, args):
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
