@@ -34,7 +34,7 @@ def test_mid_then_sft_in_both_sync_modes(base_checkpoint, monkeypatch, mid_mode,
     tag = f"{mid_mode}_{sft_mode}"
     torchrun("scripts.mid_train", ["--model-tag", "tiny", "--output-tag", tag, "--num-iterations", "8",
                                    "--device-batch-size", "4", "--max-seq-len", "128", "--eval-every", "4",
-                                   "--eval-tokens", "2048", *SYNC[mid_mode]])
+                                   "--eval-batches", "4", *SYNC[mid_mode]])
     base_model, _, _ = final("base", "tiny")
     mid_model, mid_meta, mid_metrics = final("mid", tag)
     assert mid_meta["sync"] == mid_mode and mid_meta["source_tag"] == "tiny"

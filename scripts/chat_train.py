@@ -1,0 +1,179 @@
+"""The two conversation-training stages, with DDP or DiLoCo synchronisation:
+
+  mid  (scripts/mid_train.py): from a base model; conversations packed into a token stream and every token
+       trained, like pretraining, so the model picks up the chat format, tool calls and multiple choice.
+  sft  (scripts/chat_sft.py): from a mid model; whole conversations, padded, loss on the assistant's tokens
+       only; the learning rate starts low and decays linearly to zero.
+
+Both continue from a checkpoint of either sync mode and save their own checkpoint and report section.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from diloco import add_sync_args, make_sync, make_worker_groups
+from nanochat import comm
+from nanochat.checkpoint import checkpoint_dir, load_model, save_checkpoint
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
+                             print0, synchronize)
+from nanochat.dataloader import conversation_padded_loader, conversation_stream_loader, count_conversation_tokens
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+from tasks.mixtures import training_mixture, validation_task
+
+STAGES = {
+    "mid": dict(description="Midtrain a base model on conversation mixtures (DDP or DiLoCo)", source="base",
+                section="Midtraining", loader=conversation_stream_loader, init_lr_frac=1.0, eval_every=150,
+                device_batch_size=None, examples_per_step=None),
+    "sft": dict(description="Fine-tune a mid (or base) model on conversations (DDP or DiLoCo)", source="mid",
+                section="Chat SFT", loader=conversation_padded_loader, init_lr_frac=0.02, eval_every=100,
+                device_batch_size=4, examples_per_step=32),
+}
+
+
+def parse_args(stage, argv=None):
+    s = STAGES[stage]
+    parser = argparse.ArgumentParser(description=s["description"])
+    parser.add_argument("--source", choices=["base", "mid", "sft"], default=s["source"], help="stage to start from")
+    parser.add_argument("--model-tag", default=None, help="tag of the checkpoint to start from (default: latest)")
+    parser.add_argument("--step", type=int, default=None, help="step of the checkpoint to start from (default: last)")
+    parser.add_argument("--output-tag", default=None, help="tag to save under (default: --model-tag)")
+    parser.add_argument("--device-type", default="")
+    parser.add_argument("--run", default="", help="wandb run name (default: no wandb)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: --num-epochs of the mixture)")
+    parser.add_argument("--num-epochs", type=int, default=1)
+    parser.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens (default: the model's)")
+    parser.add_argument("--device-batch-size", type=int, default=s["device_batch_size"],
+                        help="rows per rank per micro-step" + (" (default: 32 on CUDA, 16 elsewhere)" if stage == "mid" else ""))
+    parser.add_argument("--examples-per-step", type=int, default=s["examples_per_step"],
+                        help="rows per optimizer step, all ranks (default: one micro-step on every rank)"
+                        if stage == "mid" else "conversations per optimizer step, all ranks")
+    parser.add_argument("--matrix-lr", type=float, default=0.02)
+    parser.add_argument("--embedding-lr", type=float, default=0.2)
+    parser.add_argument("--unembedding-lr", type=float, default=0.004)
+    parser.add_argument("--init-lr-frac", type=float, default=s["init_lr_frac"], help="all lrs scaled by this")
+    parser.add_argument("--eval-every", type=int, default=s["eval_every"], help="steps between val bpb evals (0: only at the end)")
+    parser.add_argument("--eval-batches", type=int, default=20, help="val batches per eval and rank")
+    parser.add_argument("--compile", type=int, choices=[0, 1], default=-1, help="torch.compile (default: on CUDA)")
+    add_sync_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(stage, argv=None):
+    args = parse_args(stage, argv)
+    s = STAGES[stage]
+    device_type = args.device_type or autodetect_device_type()
+    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed, timeout_s=args.collective_timeout)
+    master = rank == 0
+    autocast = autocast_context(device_type)
+    wandb_run = init_wandb(args.run, f"nanochat-diloco-{stage}", vars(args), master)
+
+    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
+    output_tag = args.output_tag or source_meta["model_tag"]
+    token_bytes = get_token_bytes(device=device)
+    T = args.max_seq_len or model.config.sequence_len
+    B = args.device_batch_size or (32 if device_type == "cuda" else 16)
+    examples_per_step = args.examples_per_step or B * world_size
+    assert examples_per_step % (B * world_size) == 0, f"--examples-per-step must be a multiple of {B * world_size}"
+    grad_accum_steps = examples_per_step // (B * world_size)
+
+    groups = make_worker_groups(args)
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, process_group=groups.inner)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"] = group["lr"] * args.init_lr_frac
+    sync = make_sync(args, model, optimizers, groups)
+    use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+
+    mixture, used, missing = training_mixture(stage)
+    for name, n in used:
+        print0(f"mixture: {name}: {n:,} conversations")
+    for name in missing:
+        print0(f"mixture: {name}: NOT AVAILABLE offline, left out")
+    val_task = validation_task()
+    num_iterations = args.num_iterations
+    if num_iterations < 0:  # an epoch: packed rows of the whole mixture (mid), or its conversations (sft)
+        rows = count_conversation_tokens(mixture, tokenizer, T) // T if stage == "mid" else len(mixture)
+        num_iterations = max(1, args.num_epochs * rows // examples_per_step)
+    print0(f"{stage} from {args.source}/{source_meta['model_tag']} step {source_meta['step']} | {num_iterations} steps x "
+           f"{examples_per_step} rows of {T} tokens | sync {args.sync}")
+    train_loader = s["loader"](mixture, tokenizer, B, T, device, rank, world_size)
+
+    def lr_multiplier(it):
+        if stage == "sft":
+            return 1.0 - it / num_iterations  # linear decay to zero
+        warmdown = max(1, round(0.2 * num_iterations))  # constant, then the last 20 % decays to zero
+        return 1.0 if it < num_iterations - warmdown else (num_iterations - it) / warmdown
+
+    def evaluate():
+        """bits per byte of the held-out conversations' target tokens (sft: the assistant's only)"""
+        model.eval()
+        val_loader = s["loader"](val_task, tokenizer, B, T, device, rank, world_size)
+        with autocast:
+            bpb = evaluate_bpb(model, val_loader, args.eval_batches, token_bytes)
+        model.train()
+        return bpb
+
+    ckpt_dir = checkpoint_dir(stage, output_tag)
+    metrics = []
+    train_seconds, val_bpb = 0.0, float("nan")
+    comm.reset_comm_stats()
+    for step in range(num_iterations + 1):
+        last_step = step == num_iterations
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            sync.synchronize()  # evaluate theta_global
+            val_bpb = evaluate()
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            metrics.append({"step": step, "rows": step * examples_per_step, "val_bpb": val_bpb})
+        if last_step:
+            break
+        synchronize(device_type)
+        t0 = time.time()
+        for _ in range(grad_accum_steps):
+            x, y, epoch = next(train_loader)
+            with autocast:  # mean over the batch's targets; an sft batch cut before any answer contributes 0
+                loss = train_model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
+            (loss / grad_accum_steps).backward()
+        lrm = lr_multiplier(step)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        sync.step()
+        synchronize(device_type)
+        dt = time.time() - t0
+        train_seconds += dt
+        print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {loss.item():.4f} | lrm {lrm:.2f} | epoch {epoch} | "
+               f"dt {dt * 1000:.0f} ms")
+        metrics.append({"step": step + 1, "loss": loss.item()})
+        wandb_run.log({"step": step + 1, "loss": loss.item(), "lrm": lrm})
+
+    stats = comm.global_comm_stats()
+    bytes_across = stats["outer"]["bytes"] if args.sync == "diloco" else stats["inner"]["bytes"]
+    meta = {"model_config": vars(model.config), "user_config": vars(args), "stage": stage, "source": args.source,
+            "source_tag": source_meta["model_tag"], "source_step": source_meta["step"], "val_bpb": val_bpb,
+            "rows": num_iterations * examples_per_step, "train_seconds": train_seconds, "sync": args.sync,
+            "inner_bytes": stats["inner"]["bytes"], "outer_bytes": stats["outer"]["bytes"],
+            "bytes_across_workers": bytes_across, "mixture": used, "missing": missing}
+    save_checkpoint(ckpt_dir, num_iterations, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                    rank=rank, extra={"sync": sync.state_dict()})
+    if master:
+        with open(os.path.join(ckpt_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
+    get_report().log(section=s["section"], data=[
+        {"source": f"{args.source}/{source_meta['model_tag']} step {source_meta['step']}", "sync": args.sync,
+         **({"diloco_h": args.diloco_h, "workers": groups.num_workers} if args.sync == "diloco" else {})},
+        {name: n for name, n in used}, {"missing offline": ", ".join(missing) or "none"},
+        {"steps": num_iterations, "rows": num_iterations * examples_per_step, "val_bpb": val_bpb,
+         "train_seconds": train_seconds, "bytes_across_workers": bytes_across},
+    ])
+    print0(f"done: val bpb {val_bpb:.4f}, {train_seconds:.1f} s, checkpoint {ckpt_dir}")
+    wandb_run.finish()
+    compute_cleanup()
