@@ -52,12 +52,12 @@ SCALES = {
     # CPU, 2 processes, about 20 minutes for all three arms on 2 cores
     "tiny": dict(
         nproc=2, vocab=4096,
-        base=["--preset", "tiny", "--num-iterations", "600", "--eval-every", "100"],
-        mid=["--num-iterations", "150", "--device-batch-size", "16", "--eval-every", "50", "--eval-batches", "8"],
+        base=["--preset", "tiny", "--num-iterations", "400", "--eval-every", "50"],
+        mid=["--num-iterations", "100", "--device-batch-size", "16", "--eval-every", "50", "--eval-batches", "8"],
         sft=["--num-iterations", "60", "--device-batch-size", "4", "--examples-per-step", "16", "--eval-every", "20",
              "--eval-batches", "8"],
         base_eval=["--max-per-task", "100", "--split-tokens", "131072", "--device-batch-size", "16"],
-        chat_eval=["--max-problems", "200", "--max-new-tokens", "128", "--batch-size", "16"],
+        chat_eval=["--max-problems", "100", "--max-new-tokens", "128", "--batch-size", "16"],
         diloco={"base": ["--diloco-h", "50"], "mid": ["--diloco-h", "50"], "sft": ["--diloco-h", "20"]}),
     # nanochat's d20 speedrun on one node of GPUs
     "d20": dict(
