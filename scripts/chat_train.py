@@ -17,7 +17,7 @@ import torch
 
 from diloco import add_sync_args, make_sync, make_worker_groups
 from nanochat import comm
-from nanochat.checkpoint import checkpoint_dir, load_model, save_checkpoint
+from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, load_model, save_checkpoint
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
                              print0, synchronize)
 from nanochat.dataloader import conversation_padded_loader, conversation_stream_loader, count_conversation_tokens
@@ -60,6 +60,10 @@ def parse_args(stage, argv=None):
     parser.add_argument("--init-lr-frac", type=float, default=s["init_lr_frac"], help="all lrs scaled by this")
     parser.add_argument("--eval-every", type=int, default=s["eval_every"], help="steps between val bpb evals (0: only at the end)")
     parser.add_argument("--eval-batches", type=int, default=20, help="val batches per eval and rank")
+    parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --output-tag")
+    parser.add_argument("--stop-after", type=int, default=-1,
+                        help="save and exit after this step without changing the schedule (time-sliced jobs)")
     parser.add_argument("--compile", type=int, choices=[0, 1], default=-1, help="torch.compile (default: on CUDA)")
     add_sync_args(parser)
     return parser.parse_args(argv)
@@ -107,6 +111,27 @@ def main(stage, argv=None):
            f"{examples_per_step} rows of {T} tokens | sync {args.sync}")
     train_loader = s["loader"](mixture, tokenizer, B, T, device, rank, world_size)
 
+    ckpt_dir = checkpoint_dir(stage, output_tag)
+    metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
+    start_step, metrics, train_seconds = 0, [], 0.0
+    comm.reset_comm_stats()
+    if args.resume:
+        last = find_last_step(ckpt_dir)
+        if last is None:
+            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+        model_state, optim_state, meta, extra = load_checkpoint(ckpt_dir, last, device, rank=rank)
+        model.load_state_dict(model_state)
+        for opt, state in zip(optimizers, optim_state):
+            opt.load_state_dict(state)
+        sync.load_state_dict(extra["sync"])
+        comm.load_comm_stats(extra["comm"])
+        for _ in range(extra["batches"]):  # the loaders are deterministic: replaying them restores their state
+            next(train_loader)
+        with open(metrics_path) as f:  # loss records count steps done; eval records re-run at the resume step
+            metrics = [m for m in map(json.loads, f) if m["step"] < last or (m["step"] == last and "loss" in m)]
+        start_step, train_seconds = last, meta["train_seconds"]
+        print0(f"resumed from {ckpt_dir} step {last}")
+
     def lr_multiplier(it):
         if stage == "sft":
             return 1.0 - it / num_iterations  # linear decay to zero
@@ -122,18 +147,35 @@ def main(stage, argv=None):
         model.train()
         return bpb
 
-    ckpt_dir = checkpoint_dir(stage, output_tag)
-    metrics = []
-    train_seconds, val_bpb = 0.0, float("nan")
-    comm.reset_comm_stats()
-    for step in range(num_iterations + 1):
+    def save(step):
+        sync.synchronize()  # the checkpoint holds theta_global
+        stats = comm.global_comm_stats()
+        meta = {"model_config": vars(model.config), "user_config": vars(args), "stage": stage, "source": args.source,
+                "source_tag": source_meta["model_tag"], "source_step": source_meta["step"], "val_bpb": val_bpb,
+                "rows": step * examples_per_step, "train_seconds": train_seconds, "sync": args.sync,
+                "inner_bytes": stats["inner"]["bytes"], "outer_bytes": stats["outer"]["bytes"],
+                "bytes_across_workers": stats["outer" if args.sync == "diloco" else "inner"]["bytes"],
+                "mixture": used, "missing": missing}
+        save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta, rank=rank,
+                        extra={"sync": sync.state_dict(), "comm": comm.comm_stats(), "batches": step * grad_accum_steps})
+        if master:
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in metrics)
+            os.replace(metrics_path + ".tmp", metrics_path)
+        return meta
+
+    val_bpb = float("nan")
+    for step in range(start_step, num_iterations + 1):
         last_step = step == num_iterations
+        stopping = last_step or step == args.stop_after
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             sync.synchronize()  # evaluate theta_global
             val_bpb = evaluate()
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             metrics.append({"step": step, "rows": step * examples_per_step, "val_bpb": val_bpb})
-        if last_step:
+        if stopping or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
+            meta = save(step)
+        if stopping:
             break
         synchronize(device_type)
         t0 = time.time()
@@ -155,24 +197,16 @@ def main(stage, argv=None):
         metrics.append({"step": step + 1, "loss": loss.item()})
         wandb_run.log({"step": step + 1, "loss": loss.item(), "lrm": lrm})
 
-    stats = comm.global_comm_stats()
-    bytes_across = stats["outer"]["bytes"] if args.sync == "diloco" else stats["inner"]["bytes"]
-    meta = {"model_config": vars(model.config), "user_config": vars(args), "stage": stage, "source": args.source,
-            "source_tag": source_meta["model_tag"], "source_step": source_meta["step"], "val_bpb": val_bpb,
-            "rows": num_iterations * examples_per_step, "train_seconds": train_seconds, "sync": args.sync,
-            "inner_bytes": stats["inner"]["bytes"], "outer_bytes": stats["outer"]["bytes"],
-            "bytes_across_workers": bytes_across, "mixture": used, "missing": missing}
-    save_checkpoint(ckpt_dir, num_iterations, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                    rank=rank, extra={"sync": sync.state_dict()})
-    if master:
-        with open(os.path.join(ckpt_dir, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in metrics)
+    if not last_step:
+        print0(f"stopped after step {step}: continue with --resume")
+        compute_cleanup()
+        return
     get_report().log(section=s["section"], data=[
         {"source": f"{args.source}/{source_meta['model_tag']} step {source_meta['step']}", "sync": args.sync,
          **({"diloco_h": args.diloco_h, "workers": groups.num_workers} if args.sync == "diloco" else {})},
         {name: n for name, n in used}, {"missing offline": ", ".join(missing) or "none"},
         {"steps": num_iterations, "rows": num_iterations * examples_per_step, "val_bpb": val_bpb,
-         "train_seconds": train_seconds, "bytes_across_workers": bytes_across},
+         "train_seconds": train_seconds, "bytes_across_workers": meta["bytes_across_workers"]},
     ])
     print0(f"done: val bpb {val_bpb:.4f}, {train_seconds:.1f} s, checkpoint {ckpt_dir}")
     wandb_run.finish()

@@ -57,3 +57,20 @@ def test_mid_then_sft_in_both_sync_modes(base_checkpoint, monkeypatch, mid_mode,
     assert any(not torch.equal(sft_model[k], mid_model[k]) for k in mid_model)
     losses = [m["loss"] for m in sft_metrics if "loss" in m]
     assert len(losses) == 4 and all(0 <= l < 20 for l in losses)
+
+
+def test_mid_resume_reproduces_uninterrupted_run(base_checkpoint, monkeypatch):
+    """DiLoCo midtraining stopped after step 3 and resumed equals the run that never stopped (CPU, bit for bit)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_checkpoint))
+    common = ["--model-tag", "tiny", "--num-iterations", "6", "--device-batch-size", "4", "--max-seq-len", "128",
+              "--eval-every", "3", "--eval-batches", "2", "--save-every", "3", *SYNC["diloco"]]
+    torchrun("scripts.mid_train", common + ["--output-tag", "whole"])
+    torchrun("scripts.mid_train", common + ["--output-tag", "parts", "--stop-after", "3"])
+    torchrun("scripts.mid_train", common + ["--output-tag", "parts", "--resume"])
+    whole_model, whole_meta, whole = final("mid", "whole")
+    parts_model, parts_meta, parts = final("mid", "parts")
+    assert [m for m in whole if "loss" in m] == [m for m in parts if "loss" in m]
+    assert len([m for m in whole if "loss" in m]) == 6
+    assert [m["val_bpb"] for m in whole if "val_bpb" in m] == [m["val_bpb"] for m in parts if "val_bpb" in m]
+    assert all(torch.equal(whole_model[k], parts_model[k]) for k in whole_model)
+    assert whole_meta["outer_bytes"] == parts_meta["outer_bytes"] > 0
