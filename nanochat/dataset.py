@@ -119,7 +119,7 @@ def parquets_iter_batched(split, start=0, step=1):
             n = pf.num_row_groups
             r0 = start - first if first <= start else (start - first) % step  # first local index on our stride
             for r in range(r0, n, step):
-                yield pf.read_row_group(r, columns=["text"]).column("text").to_pylist()
+                yield pf.read_row_group(r, columns=["text"], use_threads=False).column("text").to_pylist()
         first += n
 
 

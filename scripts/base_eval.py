@@ -15,7 +15,8 @@ import json
 import os
 
 from nanochat.checkpoint import load_model
-from nanochat.common import autocast_context, autodetect_device_type, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, exit_now,
+                             get_base_dir, print0)
 from nanochat.core_eval import CORE_TASKS, evaluate_core
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
@@ -96,3 +97,4 @@ if "core" in record:
 get_report().log(section="Base model evaluation", data=data)
 
 compute_cleanup()
+exit_now()  # skip native teardown (see nanochat.common.exit_now)

@@ -16,8 +16,8 @@ import torch
 from diloco import add_sync_args, make_sync, make_worker_groups
 from nanochat import comm
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
-                             peak_flops, print0, synchronize)
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, exit_now,
+                             init_wandb, peak_flops, print0, synchronize)
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
@@ -288,3 +288,4 @@ if last_step:
     ])
 wandb_run.finish()
 compute_cleanup()
+exit_now()  # skip native teardown (see nanochat.common.exit_now)

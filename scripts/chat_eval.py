@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from nanochat.checkpoint import load_model
 from nanochat.comm import all_reduce_sum
-from nanochat.common import autocast_context, autodetect_device_type, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, exit_now,
+                             get_base_dir, print0)
 from nanochat.engine import Engine
 from nanochat.report import get_report
 
@@ -226,3 +227,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_now()  # skip native teardown (see nanochat.common.exit_now)

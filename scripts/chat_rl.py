@@ -25,7 +25,7 @@ import torch
 from diloco import add_sync_args, make_sync, make_worker_groups
 from nanochat.checkpoint import checkpoint_dir, load_model, save_checkpoint
 from nanochat.comm import all_reduce_sum
-from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, get_dist_info,
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, exit_now, get_dist_info,
                              init_wandb, print0, synchronize)
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -272,3 +272,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_now()  # skip native teardown (see nanochat.common.exit_now)
