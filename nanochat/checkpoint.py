@@ -108,6 +108,24 @@ def load_checkpoint(ckpt_dir, step, device, rank=0, load_optimizer=True):
     return model_state, optimizer_state, meta, extra
 
 
+def restore_training(ckpt_dir, model, optimizers, sync, device, rank):
+    """Load the last checkpoint of a training run into its live objects: weights, this rank's optimizer states,
+    the sync state (DiLoCo's theta_global, outer momentum, counters) and the communication counters.
+    Returns (step, meta, extra) so the caller can restore what else it saved (loader position, metrics)."""
+    from nanochat import comm
+    step = find_last_step(ckpt_dir)
+    if step is None:
+        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+    model_state, optim_state, meta, extra = load_checkpoint(ckpt_dir, step, device, rank=rank)
+    model.load_state_dict(model_state)
+    for opt, state in zip(optimizers, optim_state, strict=True):
+        opt.load_state_dict(state)
+    sync.load_state_dict(extra["sync"])
+    comm.load_comm_stats(extra["comm"])
+    logger.info(f"resumed from {ckpt_dir} step {step}")
+    return step, meta, extra
+
+
 def latest_model_tag(stage):
     """The most recently written model tag of a stage."""
     root = os.path.join(get_base_dir(), "checkpoints", stage)

@@ -15,7 +15,7 @@ import torch
 
 from diloco import add_sync_args, make_sync, make_worker_groups
 from nanochat import comm
-from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import checkpoint_dir, restore_training, save_checkpoint
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, exit_now,
                              init_wandb, peak_flops, print0, synchronize)
 from nanochat.dataloader import tokenizing_distributed_data_loader
@@ -127,17 +127,8 @@ model_tag = args.model_tag or f"d{args.depth}"
 ckpt_dir = checkpoint_dir("base", model_tag)
 start_step, loader_state, elapsed_before = 0, None, 0.0
 if args.resume:
-    last = find_last_step(ckpt_dir)
-    if last is None:
-        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-    model_state, optim_state, meta, extra = load_checkpoint(ckpt_dir, last, device, rank=rank)
-    model.load_state_dict(model_state)
-    for opt, state in zip(optimizers, optim_state):
-        opt.load_state_dict(state)
-    sync.load_state_dict(extra["sync"])
-    comm.load_comm_stats(extra["comm"])
-    start_step, loader_state, elapsed_before = last, extra["loader"], meta["train_seconds"]
-    print0(f"resumed from {ckpt_dir} step {last}")
+    start_step, meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank)
+    loader_state, elapsed_before = extra["loader"], meta["train_seconds"]
 train_model = torch.compile(model, dynamic=False) if (args.compile == 1 or (args.compile == -1 and device_type == "cuda")) else model
 
 train_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "train", tokenizer,

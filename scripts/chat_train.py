@@ -17,7 +17,7 @@ import torch
 
 from diloco import add_sync_args, make_sync, make_worker_groups
 from nanochat import comm
-from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_checkpoint
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
                              print0, synchronize)
 from nanochat.dataloader import conversation_padded_loader, conversation_stream_loader, count_conversation_tokens
@@ -116,21 +116,12 @@ def main(stage, argv=None):
     start_step, metrics, train_seconds = 0, [], 0.0
     comm.reset_comm_stats()
     if args.resume:
-        last = find_last_step(ckpt_dir)
-        if last is None:
-            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-        model_state, optim_state, meta, extra = load_checkpoint(ckpt_dir, last, device, rank=rank)
-        model.load_state_dict(model_state)
-        for opt, state in zip(optimizers, optim_state):
-            opt.load_state_dict(state)
-        sync.load_state_dict(extra["sync"])
-        comm.load_comm_stats(extra["comm"])
+        last, meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank)
         for _ in range(extra["batches"]):  # the loaders are deterministic: replaying them restores their state
             next(train_loader)
         with open(metrics_path) as f:  # loss records count steps done; eval records re-run at the resume step
             metrics = [m for m in map(json.loads, f) if m["step"] < last or (m["step"] == last and "loss" in m)]
         start_step, train_seconds = last, meta["train_seconds"]
-        print0(f"resumed from {ckpt_dir} step {last}")
 
     def lr_multiplier(it):
         if stage == "sft":
