@@ -215,10 +215,11 @@ def run_experiment(arms, scale_name, force=False, seed=1337):
 
 
 def arm_card(base_report, arm_report):
-    """The arm's own report card (nanochat's report.md): the shared base sections plus the arm's sections."""
+    """The arm's own report card (nanochat's report.md): the shared tokenizer and base sections plus the arm's."""
     from nanochat.report import Report
     os.makedirs(arm_report, exist_ok=True)
-    for section in glob.glob(os.path.join(base_report, "*.md")):
+    tokenizer_sections = glob.glob(os.path.join(os.path.dirname(base_report), "tokenizer-*.md"))
+    for section in tokenizer_sections + glob.glob(os.path.join(base_report, "*.md")):
         if os.path.basename(section) != "report.md":
             shutil.copy(section, arm_report)
     return Report(arm_report).generate()
