@@ -1,18 +1,20 @@
 """
-DDP vs DiLoCo on the same token budget: final val bpb, the bpb gap, bytes communicated across workers (and
-the ratio to DDP, checked against the exact expected figure), wall time, and the inner-step overhead of the
-sync wrapper against plain local training.
+DDP vs DiLoCo on the same token budget: final val bpb, the bpb gap (against DDP and against plain DiLoCo at
+the same H), bytes communicated across workers (checked against the exact expected figure), peak bytes per
+sync event, wall time, time blocked on the link, whether overlap hides a slow link, and the inner-step
+overhead of the sync wrapper against plain local training.
 
-    python -m bench.bench_diloco                                     # tiny preset, DDP + DiLoCo H in {10, 50, 100}
-    python -m bench.bench_diloco --num-iterations 100 --hs 10 --compressions bf16,int8
+    python -m bench.bench_diloco      # tiny preset: DDP; H in {50, 100} x codecs none/int8/int4/topk/dct and
+                                      # Streaming DiLoCo (F, tau) in {(1, 1), (4, 0), (4, 1)}; overlap check
+    python -m bench.bench_diloco --num-iterations 100 --hs 10 --compressions bf16,int8 --streaming ""
     python -m bench.bench_diloco --preset d20 --nproc 8              # any unknown flag goes to scripts.base_train
 
 Every arm is one `torchrun -m scripts.base_train` run with the same seed, data order and number of steps;
-the only eval is the final one (`--eval-every 0`), so DiLoCo syncs exactly every H steps and its outer
-bytes are DDP's bytes / H exactly when the steps are a multiple of H. Bytes across workers are the payload
-each rank hands to its collectives, summed over ranks: for DDP the fp32 gradient all-reduce (4 bytes x P
-parameters per step per rank), for DiLoCo (one worker per rank) the outer all-reduce of the pseudo-gradient
-(4P fp32, 2P bf16, P + 4 bytes per tensor int8 because of its fp32 per-tensor scales) per sync per rank.
+the only eval is the final one (`--eval-every 0`). Each fragment syncs every H steps (staggered by H/F), plus
+once more at the end of training if it took steps since its last exchange. Bytes across workers are what each
+rank sends on the wire (nanochat/comm.py's ring model), summed over ranks: for DDP the fp32 gradient
+all-reduce (2 (W-1)/W x 4P per step per rank), for DiLoCo (one worker per rank) the outer exchange of the
+pseudo-gradient through its codec (diloco/codecs.py: codec.wire_bytes(W) per sync per rank).
 
 The wrapper overhead is measured in this process: rounds of H inner steps of (a) plain local training,
 (b) the same driven by DiLoCoSync with one worker (one outer step per H inner steps, so amortised over H)
@@ -34,20 +36,28 @@ import time
 import torch
 
 from diloco import add_sync_args, make_sync, make_worker_groups
+from diloco.codecs import CODECS, add_codec_args, make_codec
+from diloco.fragments import split_into_fragments
 from nanochat.checkpoint import checkpoint_dir
-from nanochat.common import autocast_context, autodetect_device_type, get_base_dir, synchronize
+from nanochat.common import autocast_context, autodetect_device_type, device_synchronize, get_base_dir
 from nanochat.dataset import list_parquet_files
 from nanochat.gpt import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BYTES_PER_PARAM = {"none": 4, "bf16": 2, "int8": 1}
 
 parser = argparse.ArgumentParser(description="Benchmark DiLoCo against DDP: bpb gap, bytes, wall time, wrapper overhead",
                                  epilog="Any other flag is passed on to scripts.base_train for every arm "
                                         "(e.g. --preset d20 --device-batch-size 8).")
 parser.add_argument("--num-iterations", type=int, default=300, help="optimizer steps per arm (same tokens for all)")
-parser.add_argument("--hs", default="10,50,100", help="DiLoCo inner steps between syncs, comma-separated")
-parser.add_argument("--compressions", default="none", help="outer compressions (none,bf16,int8), each run at every H")
+parser.add_argument("--hs", default="50,100", help="DiLoCo inner steps between syncs, comma-separated")
+parser.add_argument("--compressions", default="none,int8,int4,topk,dct",
+                    help=f"outer codecs ({','.join(CODECS)}), each run at every H")
+parser.add_argument("--streaming", default="1:1,4:0,4:1",
+                    help="Streaming DiLoCo arms F:TAU (fragments:overlap), codec none, each run at every H ('' = none)")
+parser.add_argument("--overlap-delay-ms", type=float, default=300.0,
+                    help="overlap check: short runs (H=2) with each outer collective slowed by this much, blocking "
+                         "(tau 0) and overlapped (tau 1), against no delay (0: skip)")
+parser.add_argument("--overlap-steps", type=int, default=20, help="steps of each overlap-check run")
 parser.add_argument("--nproc", type=int, default=2, help="processes per arm (DDP ranks = DiLoCo workers)")
 parser.add_argument("--seed", type=int, default=1337)
 parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
@@ -59,14 +69,16 @@ args, train_args = parser.parse_known_args()
 hs = [int(h) for h in args.hs.split(",") if h]
 compressions = [c for c in args.compressions.split(",") if c]
 for c in compressions:
-    if c not in BYTES_PER_PARAM:
-        raise SystemExit(f"error: unknown compression {c!r}, expected some of {','.join(BYTES_PER_PARAM)}")
+    if c not in CODECS:
+        raise SystemExit(f"error: unknown compression {c!r}, expected some of {','.join(CODECS)}")
+try:
+    streaming = [tuple(int(v) for v in spec.split(":")) for spec in args.streaming.split(",") if spec]
+    assert all(len(spec) == 2 for spec in streaming)
+except (ValueError, AssertionError):
+    raise SystemExit(f"error: --streaming {args.streaming!r}: expected F:TAU pairs, e.g. 4:0,4:1") from None
 N, W = args.num_iterations, args.nproc
 if not hs or W < 2:
     raise SystemExit("error: need at least one H (--hs) and --nproc >= 2 (DDP on one process communicates nothing)")
-for h in hs:
-    if N % h:
-        print(f"note: {N} steps is not a multiple of H={h}: the final eval forces one extra outer sync")
 base_dir = get_base_dir()
 out_dir = args.out or os.path.join(base_dir, "bench")
 os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
@@ -78,15 +90,19 @@ if not os.path.exists(os.path.join(base_dir, "tokenizer", "token_bytes.pt")):
     raise SystemExit(f"error: no tokenizer in {base_dir}: run `python -m scripts.tok_train --vocab-size 4096`")
 
 
-def run_arm(name, h, compression):
+def diloco_flags(h, compression, fragments=1, overlap=0):
+    return ["--sync", "diloco", "--diloco-h", str(h), "--outer-compression", compression,
+            "--diloco-fragments", str(fragments), "--diloco-overlap", str(overlap)]
+
+
+def run_arm(name, sync, steps=None):
     """One training run under torchrun; returns its final checkpoint meta, metrics, wall time and exit code."""
+    steps = steps or N
     tag = f"bench_{name}"
     shutil.rmtree(checkpoint_dir("base", tag), ignore_errors=True)  # never read a previous run's figures
-    sync = ["--sync", "ddp"] if h is None else ["--sync", "diloco", "--diloco-h", str(h),
-                                                "--outer-compression", compression]
     device = ["--device-type", args.device_type] if args.device_type else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={W}",
-           "-m", "scripts.base_train", "--preset", "tiny", "--num-iterations", str(N), "--seed", str(args.seed),
+           "-m", "scripts.base_train", "--preset", "tiny", "--num-iterations", str(steps), "--seed", str(args.seed),
            "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--model-tag", tag,
            *sync, *device, *train_args]
     log_path = os.path.join(out_dir, "logs", f"{name}.log")
@@ -97,7 +113,7 @@ def run_arm(name, h, compression):
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
     ckpt = checkpoint_dir("base", tag)
-    meta_path = os.path.join(ckpt, f"step_{N:06d}", "meta.json")  # written last, atomically: complete if present
+    meta_path = os.path.join(ckpt, f"step_{steps:06d}", "meta.json")  # written last, atomically: complete if present
     if rc != 0 and not os.path.exists(meta_path):
         with open(log_path) as f:
             sys.stderr.write(f.read()[-3000:])
@@ -111,19 +127,38 @@ def run_arm(name, h, compression):
     return meta, metrics, wall, rc
 
 
-def model_size(meta):
-    """(parameters, tensors) of the trained model, from its saved config."""
+def model_params(meta):
+    """The trained model's parameters, in order, as shapes only (meta tensors), from its saved config."""
     with torch.device("meta"):
-        params = list(GPT(GPTConfig(**meta["model_config"])).parameters())
-    return sum(p.numel() for p in params), len(params)
+        return list(GPT(GPTConfig(**meta["model_config"])).parameters())
 
 
-def expected_bytes(h, compression, P, n):
-    """Exact bytes across workers, summed over the W ranks (DiLoCo: one worker per rank)."""
-    if h is None:
-        return N * W * 4 * P  # fp32 gradient all-reduce every step
-    per_sync = BYTES_PER_PARAM[compression] * P + (4 * n if compression == "int8" else 0)
-    return math.ceil(N / h) * W * per_sync
+def fragment_codecs(compression, fragments, params):
+    """The codec of each fragment, as base_train builds them (any --outer-* in the passed-on flags count)."""
+    codec_args = add_codec_args(argparse.ArgumentParser()).parse_known_args(["--outer-compression", compression,
+                                                                             *train_args])[0]
+    return [make_codec(codec_args, [p.numel() for p in frag], "cpu") for frag in split_into_fragments(params, fragments)]
+
+
+def exchanges(h, fragments, overlap, f):
+    """How many exchanges fragment f makes in N steps: one per launch (at n = phase - overlap mod H), plus the
+    final sync at the end of training when steps were taken since its last launch and none is in flight."""
+    phase = round((f + 1) * h / fragments) % h
+    launches = [n for n in range(1, N + 1) if n % h == (phase - overlap) % h]
+    last = launches[-1] if launches else 0
+    in_flight = bool(launches) and last + overlap > N
+    return len(launches) + (0 if in_flight or last == N else 1)
+
+
+def expected_bytes(h, compression, params, fragments=1, overlap=0):
+    """Exact bytes across workers, summed over the W ranks (DiLoCo: one worker per rank), and the peak bytes
+    one rank sends in one sync event."""
+    if h is None:  # fp32 gradient all-reduce every step (one per optimizer; the // is exact for W in 2, 4, 8)
+        per_step = 2 * (W - 1) * 4 * sum(p.numel() for p in params) // W
+        return N * W * per_step, per_step
+    codecs = fragment_codecs(compression, fragments, params)
+    total = sum(exchanges(h, fragments, overlap, f) * c.wire_bytes(W) for f, c in enumerate(codecs))
+    return W * total, max(c.wire_bytes(W) for c in codecs)
 
 
 def measure_overhead(meta, h, rounds):
@@ -159,13 +194,13 @@ def measure_overhead(meta, h, rounds):
     def timed_step(name, i):
         model, step, _ = arms[name]
         x, y = batches[i % len(batches)]
-        synchronize(device_type)
+        device_synchronize(device_type)
         t0 = time.perf_counter()
         with autocast:
             loss = model(x, y)
         loss.backward()
         step()
-        synchronize(device_type)
+        device_synchronize(device_type)
         return time.perf_counter() - t0
 
     def round_times(r):
@@ -183,11 +218,11 @@ def measure_overhead(meta, h, rounds):
     sync = arms["diloco"][2]
     syncs_in_rounds = sync.num_syncs  # one per round (warm-up included): the outer step really ran
     outer = []
-    for _ in range(5):  # the outer step alone (pseudo-gradient, outer SGD, copy back), timed directly
-        synchronize(device_type)
+    for _ in range(5):  # the outer step alone (pseudo-gradient, exchange, outer SGD, copy back), timed directly
+        device_synchronize(device_type)
         t0 = time.perf_counter()
         sync.outer_step()
-        synchronize(device_type)
+        device_synchronize(device_type)
         outer.append(time.perf_counter() - t0)
     plain_ms = 1000 * statistics.median(t["plain"] for t in rounds_) / h
     outer_ms = 1000 * statistics.median(outer)
@@ -201,33 +236,59 @@ def measure_overhead(meta, h, rounds):
     }
 
 
-# Training arms: DDP first (the baseline), then every H x compression
-arm_specs = [("ddp", None, "none")] + [(f"diloco_h{h}" + ("" if c == "none" else f"_{c}"), h, c)
-                                       for h in hs for c in compressions]
+# Training arms: DDP first (the baseline), then every H x codec and every H x streaming (F, tau)
+arm_specs = [("ddp", None, "none", 1, 0)]
+for h in hs:
+    arm_specs += [(f"diloco_h{h}" + ("" if c == "none" else f"_{c}"), h, c, 1, 0) for c in compressions]
+    arm_specs += [(f"diloco_h{h}_f{f}_tau{tau}", h, "none", f, tau) for f, tau in streaming if (f, tau) != (1, 0)]
 results, metas = [], {}
-for name, h, compression in arm_specs:
+for name, h, compression, fragments, overlap in arm_specs:
     print(f"running {name}: {N} steps on {W} processes ...", flush=True)
-    meta, metrics, wall, rc = run_arm(name, h, compression)
+    sync = ["--sync", "ddp"] if h is None else diloco_flags(h, compression, fragments, overlap)
+    meta, metrics, wall, rc = run_arm(name, sync)
     metas[name] = meta
-    P, n = model_size(meta)
+    params = model_params(meta)
+    sizes = [p.numel() for p in params]
     measured = meta["inner_bytes"] if h is None else meta["outer_bytes"]
-    expected = expected_bytes(h, compression, P, n)
+    expected, peak = expected_bytes(h, compression, params, fragments, overlap)
     results.append({
         "arm": name, "sync": meta["sync"], "h": h, "compression": compression if h else None,
-        "val_bpb": meta["val_bpb"], "tokens": meta["tokens"], "steps": N, "params": P, "tensors": n,
+        "fragments": fragments, "overlap": overlap,
+        "val_bpb": meta["val_bpb"], "tokens": meta["tokens"], "steps": N, "params": sum(sizes), "tensors": len(sizes),
         "inner_bytes": meta["inner_bytes"], "outer_bytes": meta["outer_bytes"], "bytes_across_workers": measured,
         "expected_bytes": expected, "bytes_check": "PASS" if measured == expected else "FAIL",
-        "bytes_per_token": measured / meta["tokens"], "train_seconds": meta["train_seconds"], "wall_seconds": wall,
-        "exit_code": rc,
+        "peak_bytes_per_sync_event": peak, "bytes_per_token": measured / meta["tokens"],
+        "train_seconds": meta["train_seconds"], "outer_wait_seconds": meta.get("outer_wait_seconds", 0.0),
+        "wall_seconds": wall, "exit_code": rc,
         "loss_curve": [[m["step"], m["loss"]] for m in metrics if "loss" in m],
     })
     print(f"  val bpb {meta['val_bpb']:.4f} | {measured:,} B across workers (expected {expected:,}: "
           f"{results[-1]['bytes_check']}) | {wall:.0f} s", flush=True)
 ddp = results[0]
+plain = {r["h"]: r for r in results if r["h"] and r["compression"] == "none" and r["fragments"] == 1 and not r["overlap"]}
 for r in results:
     r["bpb_gap_pct"] = 100 * (r["val_bpb"] - ddp["val_bpb"]) / ddp["val_bpb"]
     r["ratio_ddp_over_arm"] = ddp["bytes_across_workers"] / r["bytes_across_workers"]
     r["expected_ratio"] = ddp["expected_bytes"] / r["expected_bytes"]
+    ref = plain.get(r["h"])
+    r["bpb_gap_vs_plain_pct"] = 100 * (r["val_bpb"] - ref["val_bpb"]) / ref["val_bpb"] if ref else None
+    r["ratio_plain_over_arm"] = ref["bytes_across_workers"] / r["bytes_across_workers"] if ref else None
+
+# Overlap: does launching the exchange tau steps early hide a slow link? (H=2, every other step syncs)
+overlap_check = None
+if args.overlap_delay_ms > 0:
+    steps = args.overlap_steps
+    runs = {"no delay, tau 0": (0, 0), f"delay {args.overlap_delay_ms:g} ms, tau 0": (args.overlap_delay_ms, 0),
+            f"delay {args.overlap_delay_ms:g} ms, tau 1": (args.overlap_delay_ms, 1)}
+    overlap_check = {"h": 2, "steps": steps, "delay_ms": args.overlap_delay_ms, "runs": {}}
+    for i, (label, (delay, tau)) in enumerate(runs.items()):
+        print(f"overlap check: {label}, {steps} steps ...", flush=True)
+        meta, _, _, _ = run_arm(f"overlap{i}", diloco_flags(2, "none", 1, tau) + ["--comm-delay-ms", str(delay)], steps)
+        overlap_check["runs"][label] = {"ms_per_step": 1000 * meta["train_seconds"] / steps,
+                                        "outer_wait_seconds": meta.get("outer_wait_seconds", 0.0)}
+    ms = [r["ms_per_step"] for r in overlap_check["runs"].values()]
+    overlap_check["blocking_over_no_delay"] = ms[1] / ms[0]
+    overlap_check["overlapped_over_no_delay"] = ms[2] / ms[0]
 
 overhead = None
 if args.overhead_rounds > 0:
@@ -239,16 +300,29 @@ if args.overhead_rounds > 0:
 P, n = ddp["params"], ddp["tensors"]
 lines = [f"DiLoCo vs DDP: {N} steps x {ddp['tokens'] // N:,} tokens = {ddp['tokens']:,} tokens per arm, {W} processes "
          f"({W} DiLoCo workers), {P:,} parameters in {n} tensors, device {device_type}, seed {args.seed}", "",
-         "| arm | val bpb | gap vs DDP | bytes across workers | bytes/token | ratio DDP/arm | expected ratio | bytes check "
-         "| train s | wall s |",
-         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+         "| arm | val bpb | gap vs DDP | gap vs plain | bytes across workers | bytes/token | DDP/arm | plain/arm "
+         "| peak B/sync event | bytes check | train s | outer wait s | wall s |",
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+pct = lambda v: "-" if v is None else f"{v:+.2f}%"
+ratio = lambda v: "-" if v is None else f"{v:,.1f}"
 for r in results:
-    lines.append(f"| {r['arm']} | {r['val_bpb']:.4f} | {r['bpb_gap_pct']:+.2f}% | {r['bytes_across_workers']:,} | "
-                 f"{r['bytes_per_token']:,.2f} | {r['ratio_ddp_over_arm']:.4f} | {r['expected_ratio']:.4f} | "
-                 f"{r['bytes_check']} | {r['train_seconds']:.1f} | {r['wall_seconds']:.1f} |")
-lines += ["", f"Expected bytes (summed over ranks): DDP = steps x {W} x 4P; DiLoCo = syncs x {W} x per-sync payload, "
-          f"4P (none, ratio H), 2P (bf16, ratio 2H), P + 4n (int8: one fp32 scale per tensor, ratio 4H x P/(P+4n) = "
-          f"4H x {P / (P + 4 * n):.6f}). 'bytes check' compares the measured bytes with that exact figure."]
+    lines.append(f"| {r['arm']} | {r['val_bpb']:.4f} | {r['bpb_gap_pct']:+.2f}% | {pct(r['bpb_gap_vs_plain_pct'])} | "
+                 f"{r['bytes_across_workers']:,} | {r['bytes_per_token']:,.2f} | {ratio(r['ratio_ddp_over_arm'])} | "
+                 f"{ratio(r['ratio_plain_over_arm'])} | {r['peak_bytes_per_sync_event']:,} | {r['bytes_check']} | "
+                 f"{r['train_seconds']:.1f} | {r['outer_wait_seconds']:.1f} | {r['wall_seconds']:.1f} |")
+lines += ["", f"Bytes are sent on the wire under the ring model, summed over ranks: DDP = steps x {W} x 2({W}-1)/{W} x 4P; "
+          f"DiLoCo = sum over fragments of exchanges x {W} x codec.wire_bytes({W}) (diloco/codecs.py). 'bytes check' "
+          "compares the measured bytes with that exact figure. 'gap vs plain' and 'plain/arm' compare with plain DiLoCo "
+          "(codec none, one fragment, no overlap) at the same H. 'peak B/sync event': the most one rank sends in one "
+          "fragment's exchange. 'outer wait s': time the inner steps were blocked on outer exchanges."]
+if overlap_check:
+    oc = overlap_check
+    lines += ["", f"Overlap check (DiLoCo H={oc['h']}, {oc['steps']} steps, every outer collective slowed by "
+              f"{oc['delay_ms']:g} ms with --comm-delay-ms):", "",
+              "| run | ms per inner step | outer wait s |", "| --- | ---: | ---: |"]
+    lines += [f"| {label} | {r['ms_per_step']:.0f} | {r['outer_wait_seconds']:.2f} |" for label, r in oc["runs"].items()]
+    lines += ["", f"Blocking (tau 0) / no delay: {oc['blocking_over_no_delay']:.3f}; overlapped (tau 1) / no delay: "
+              f"{oc['overlapped_over_no_delay']:.3f} (target <= 1.10)."]
 if overhead:
     ms = overhead["ms_per_step"]
     lines += ["", f"Wrapper inner-step overhead (one process, {overhead['rounds']} rounds of H={overhead['h']} steps per arm, "
@@ -269,8 +343,8 @@ def write_atomic(path, text):
 
 write_atomic(os.path.join(out_dir, "diloco.md"), table + "\n")
 write_atomic(os.path.join(out_dir, "diloco.json"), json.dumps(
-    {"num_iterations": N, "nproc": W, "hs": hs, "compressions": compressions, "seed": args.seed,
-     "train_args": train_args, "arms": results, "overhead": overhead}, indent=2))
+    {"num_iterations": N, "nproc": W, "hs": hs, "compressions": compressions, "streaming": streaming, "seed": args.seed,
+     "train_args": train_args, "arms": results, "overhead": overhead, "overlap": overlap_check}, indent=2))
 print(f"\nwrote {os.path.join(out_dir, 'diloco.json')} and diloco.md")
 if any(r["bytes_check"] == "FAIL" for r in results):
     raise SystemExit("error: measured bytes differ from the expected figures (see 'bytes check')")

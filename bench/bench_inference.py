@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from nanochat.common import autocast_context, autodetect_device_type, compute_init, synchronize
+from nanochat.common import autocast_context, autodetect_device_type, compute_init, device_synchronize
 from nanochat.gpt import GPT, KVCache, config_from_depth
 
 parser = argparse.ArgumentParser(description="Benchmark inference: prefill/decode tokens/s, KV cache vs recompute")
@@ -65,10 +65,10 @@ def timed(fn, setup=lambda: None):
     best, out = float("inf"), None
     for _ in range(args.repeats):
         state = setup()
-        synchronize(device.type)
+        device_synchronize(device.type)
         t0 = time.perf_counter()
         out = fn(state)
-        synchronize(device.type)
+        device_synchronize(device.type)
         best = min(best, time.perf_counter() - t0)
     return best, out
 

@@ -5,27 +5,46 @@ A training script builds its process groups, model and inner optimizers, then dr
     groups = make_worker_groups(args)                    # inner group = the ranks that average gradients
     optimizers = model.setup_optimizers(..., process_group=groups.inner)
     sync = make_sync(args, model, optimizers, groups)
-    for step ...: forward/backward; sync.step()            # DiLoCo also does the outer step every H steps
-    sync.synchronize()                                   # before eval/sample/save: model = theta_global
+    for step ...: forward/backward; sync.step()            # DiLoCo also runs its outer schedule
+    with sync.global_view(): evaluate / sample / save       # model = theta_global; no outer step happens
+    sync.synchronize()                                   # once, at the end: finish the schedule
 
 DiLoCo (Douillard et al. 2023): the N ranks form K workers of N/K consecutive ranks. Inside a worker the
 inner optimizers average gradients every step over the worker's own group (exactly the DDP path, smaller
 world). Every H inner steps, each worker's pseudo-gradient theta_global - theta_worker is averaged across
-workers (outer group), an SGD/Nesterov outer optimizer updates theta_global in fp32, and every rank copies
-it back. Inner optimizer state stays local across rounds.
+workers (outer group) through a codec (diloco/codecs.py), an outer optimizer (SGD/Nesterov by default,
+passed in as an object) updates theta_global in fp32, and every rank copies it back. Inner optimizer state
+stays local across rounds.
 
-With several ranks per worker, rank j of each worker owns every g-th parameter (g = ranks per worker): it
-keeps theta_global and the outer momentum for those, all-reduces only their pseudo-gradients across the
+Streaming DiLoCo (Douillard et al. 2025): the model is cut into F fragments (diloco/fragments.py), each
+synced every H steps, fragment f at steps n = round((f+1) H/F) mod H, so the link carries 1/F of the model
+at a time. With overlap tau >= 1 a fragment's exchange is launched tau inner steps before it is applied and
+runs on a background thread (a side CUDA stream on GPU) while inner steps go on; when applied, the local
+weights become alpha * local + (1 - alpha) * theta_global. F = 1, tau = 0, alpha = 0 is plain DiLoCo.
+
+With several ranks per worker, rank j of each worker owns every g-th tensor piece (g = ranks per worker):
+it keeps theta_global and the outer momentum for those, exchanges only their pseudo-gradients across the
 workers, and broadcasts the result inside its worker. So each worker sends one copy of the model across
-the slow link per sync, not g copies.
+the slow link per H steps, not g copies.
+
+Evaluation never changes training: global_view() swaps theta_global into the model (as of each fragment's
+last outer step; a mid-round evaluation sees the last synced weights) and puts the worker's own weights back
+afterwards. state_dict() holds everything needed to continue exactly at any step: theta_global, the outer
+optimizer and codec state, this worker's own weights, the inner-step counter and the results of exchanges
+in flight (drained at the save point: waiting earlier changes no number).
 
 The outer learning rate is constant (as in the paper); the inner optimizers carry the LR schedule.
 """
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
-from diloco.compress import KINDS, Compressor
+from diloco.codecs import CODECS, add_codec_args, make_codec
+from diloco.fragments import Fragment, Pending, split_into_fragments
 from nanochat import comm
 from nanochat.common import get_dist_info
 
@@ -43,8 +62,16 @@ def add_sync_args(parser):
     g.add_argument("--outer-nesterov", type=int, choices=[0, 1], default=1, help="Nesterov outer momentum")
     g.add_argument("--outer-device", choices=["cpu", "gpu"], default="gpu",
                    help="where theta_global and the outer momentum live (gpu = the model's device)")
-    g.add_argument("--outer-compression", choices=KINDS, default="none",
-                   help="compression of the outer all-reduce (error feedback on)")
+    g.add_argument("--diloco-fragments", type=int, default=1,
+                   help="Streaming DiLoCo: fragments F of the model, synced in turn, each every H steps (1 = plain)")
+    g.add_argument("--diloco-overlap", type=int, default=0,
+                   help="Streaming DiLoCo: launch a fragment's exchange this many inner steps before applying it, "
+                        "overlapping communication with compute (0 = blocking; must be < H/F)")
+    g.add_argument("--fragment-alpha", type=float, default=0.0,
+                   help="when a fragment syncs, local = alpha * local + (1 - alpha) * theta_global (0 = plain copy)")
+    add_codec_args(g)
+    g.add_argument("--comm-delay-ms", type=float, default=0.0,
+                   help="test hook: every collective across workers (DDP: inner, DiLoCo: outer) sleeps this long")
     g.add_argument("--collective-timeout", type=float, default=600.0,
                    help="seconds a collective waits for a peer before the run fails")
     return parser
@@ -118,8 +145,14 @@ class DDPSync:
             opt.step()
         self.model.zero_grad(set_to_none=True)
 
+    wait_seconds = 0.0  # the gradient all-reduce is counted by comm, per step
+
     def synchronize(self):
         pass  # replicas never drift
+
+    @contextmanager
+    def global_view(self):
+        yield  # every rank already holds the global weights
 
     def state_dict(self):
         return {"mode": "ddp"}
@@ -131,90 +164,193 @@ class DDPSync:
 class DiLoCoSync:
     mode = "diloco"
 
-    def __init__(self, model, optimizers, groups, h, outer_lr, outer_momentum, outer_nesterov,
-                 outer_device, compression="none"):
-        assert h >= 1, "--diloco-h must be >= 1"
-        self.model, self.optimizers, self.groups, self.h = model, optimizers, groups, h
+    def __init__(self, model, optimizers, groups, h, outer_optimizer, codec_factory, outer_device="gpu",
+                 fragments=1, overlap=0, alpha=0.0):
+        """outer_optimizer: params -> torch.optim.Optimizer over theta_global (fp32); it is stepped one
+        fragment at a time (only that fragment's tensors carry a gradient). codec_factory: (sizes, device) -> codec."""
+        if h < 1:
+            raise ValueError(f"--diloco-h {h}: must be >= 1")
+        if not 1 <= fragments <= h:
+            raise ValueError(f"--diloco-fragments {fragments}: must be between 1 and --diloco-h ({h})")
+        self.phase = [round((f + 1) * h / fragments) % h for f in range(fragments)]  # fragment f applies at n % h
+        first = min(round((f + 1) * h / fragments) for f in range(fragments))
+        if not 0 <= overlap < first:
+            raise ValueError(f"--diloco-overlap {overlap}: must be >= 0 and < {first} (H/F): an exchange is "
+                             f"launched after the first inner step and must land before the fragment's next launch")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"--fragment-alpha {alpha}: must be in [0, 1]")
+        self.model, self.optimizers, self.groups = model, optimizers, groups
+        self.h, self.overlap, self.alpha = h, overlap, alpha
         broadcast_parameters(model)
-        params = list(model.parameters())
-        g = groups.ranks_per_worker
-        # owner of parameter i inside a worker: local index i % g
-        self.owned_by = [[p for i, p in enumerate(params) if i % g == j] for j in range(g)]
-        self.owned = self.owned_by[groups.local_index]
-        device = params[0].device if outer_device == "gpu" else torch.device("cpu")
-        self.theta_global = [p.detach().to(device=device, dtype=torch.float32, copy=True) for p in self.owned]
-        nesterov = bool(outer_nesterov) and outer_momentum > 0
-        self.outer_optimizer = torch.optim.SGD(self.theta_global, lr=outer_lr, momentum=outer_momentum,
-                                               nesterov=nesterov)
-        self.compressor = Compressor(compression, [t.numel() for t in self.theta_global], device)
-        self.inner_steps = 0  # inner steps since the last outer sync
-        self.num_syncs = 0
+        self.params = list(model.parameters())
+        self.device = self.params[0].device if outer_device == "gpu" else torch.device("cpu")
+        g, me = groups.ranks_per_worker, groups.local_index
+        self.fragments, index = [], 0
+        for f, pieces in enumerate(split_into_fragments(self.params, fragments)):
+            owners = [(index + i) % g for i in range(len(pieces))]  # owner of a piece inside the worker
+            index += len(pieces)
+            sizes = [p.numel() for p, o in zip(pieces, owners) if o == me]
+            self.fragments.append(Fragment(pieces, owners, me, self.device, codec_factory(sizes, self.device)))
+        self.outer_optimizer = outer_optimizer([t for frag in self.fragments for t in frag.theta])
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="diloco-outer") if overlap else None
+        self.side_stream = torch.cuda.Stream(self.device) if overlap and self.device.type == "cuda" else None
+        self.inner_step = 0  # inner steps since this sync object started (or since the run started, on resume)
+        self.last_launch = [0] * fragments  # inner step of each fragment's last launched exchange
+        self.pending = {}  # fragment index -> Pending
+        self.num_syncs = 0  # fragment syncs applied (F per H steps)
+        self.wait_seconds = 0.0  # time the training loop was blocked on outer exchanges
+        self._backup = None  # the worker's own weights while global_view() shows theta_global
 
     def step(self):
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
-        self.inner_steps += 1
-        if self.inner_steps >= self.h:
-            self.outer_step()
+        self.inner_step += 1
+        n = self.inner_step % self.h
+        for f in range(len(self.fragments)):
+            if n == self.phase[f]:
+                if f not in self.pending:  # no overlap: launch now, blocking
+                    self._launch(f)
+                self._finish(f)
+        if self.overlap:
+            for f in range(len(self.fragments)):
+                if n == (self.phase[f] - self.overlap) % self.h:
+                    self._launch(f)
 
-    def synchronize(self):
-        """Force an outer step now if inner steps happened since the last one (before eval/sample/save)."""
-        if self.inner_steps > 0:
-            self.outer_step()
+    def _launch(self, f):
+        """Start fragment f's exchange: on the background thread when overlapping (one thread, so every
+        rank issues the outer collectives in the same order), else inline."""
+        t0 = time.perf_counter()
+        self.pending[f] = self.fragments[f].launch(self.groups.outer, self.inner_step, self.executor, self.side_stream)
+        self.last_launch[f] = self.inner_step
+        if self.executor is None:
+            self.wait_seconds += time.perf_counter() - t0
 
-    @torch.no_grad()
-    def outer_step(self):
-        # pseudo-gradient of this worker for the parameters this rank owns, averaged across workers
-        deltas = [theta - p.detach().to(theta.device, torch.float32) for theta, p in zip(self.theta_global, self.owned)]
-        if deltas:
-            flat = self.compressor.all_reduce_mean(torch.cat([d.reshape(-1) for d in deltas]), self.groups.outer)
-            offset = 0
-            for theta in self.theta_global:
-                theta.grad = flat[offset:offset + theta.numel()].view_as(theta).clone()
-                offset += theta.numel()
-            self.outer_optimizer.step()
-            self.outer_optimizer.zero_grad(set_to_none=True)
-            for theta, p in zip(self.theta_global, self.owned):
-                p.copy_(theta)
-        self._share_within_worker()
-        self.inner_steps = 0
+    def _finish(self, f):
+        frag = self.fragments[f]
+        self.wait_seconds += frag.finish(self.pending.pop(f), self.outer_optimizer, self.alpha)
+        self._share_within_worker(frag)
         self.num_syncs += 1
 
-    def _share_within_worker(self):
-        """Each rank broadcasts the parameters it owns to the other ranks of its worker."""
+    def synchronize(self):
+        """Finish the schedule (end of training): apply the exchanges in flight, sync every fragment with
+        inner steps since its last launch, and leave theta_global in the model."""
+        drained = set(self.pending)
+        for f in sorted(drained):
+            self._finish(f)
+        self.outer_step([f for f in range(len(self.fragments))
+                         if f not in drained and self.last_launch[f] < self.inner_step])
+        if self.alpha:  # alpha mixing left local weights in the model: the result is theta_global
+            with torch.no_grad():
+                for frag in self.fragments:
+                    for theta, p in zip(frag.theta, frag.owned):
+                        p.copy_(theta)
+                    self._share_within_worker(frag)
+
+    def outer_step(self, fragments=None):
+        """Exchange and apply now, blocking, the given fragments (default: all of them)."""
+        for f in range(len(self.fragments)) if fragments is None else fragments:
+            self._launch(f)
+            self._finish(f)
+
+    @contextmanager
+    def global_view(self):
+        """Collective: inside, the model holds theta_global; afterwards this worker's own weights, exactly."""
+        if self._backup is not None:  # nested
+            yield
+            return
+        with torch.no_grad():
+            self._backup = [p.detach().to(self.device, copy=True) for p in self.params]
+            for frag in self.fragments:
+                for theta, p in zip(frag.theta, frag.owned):
+                    p.copy_(theta)
+                self._share_within_worker(frag)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.params, self._backup):
+                    p.copy_(saved)
+            self._backup = None
+
+    def _share_within_worker(self, frag):
+        """Each rank broadcasts the pieces of `frag` it owns to the other ranks of its worker."""
         groups = self.groups
         if groups.ranks_per_worker == 1:
             return
-        for j, params in enumerate(self.owned_by):
-            if not params:
-                continue
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            comm.broadcast(flat, src=groups.global_rank(groups.worker_id, j), group=groups.inner)
-            offset = 0
-            for p in params:
-                p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+        with torch.no_grad():
+            for j in range(groups.ranks_per_worker):
+                pieces = [p for p, o in zip(frag.pieces, frag.owners) if o == j]
+                if not pieces:
+                    continue
+                flat = torch.cat([p.reshape(-1) for p in pieces])
+                comm.broadcast(flat, src=groups.global_rank(groups.worker_id, j), group=groups.inner)
+                offset = 0
+                for p in pieces:
+                    p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
 
     def state_dict(self):
-        return {"mode": "diloco", "theta_global": [t.cpu() for t in self.theta_global],
-                "outer_optimizer": self.outer_optimizer.state_dict(), "compressor": self.compressor.state_dict(),
-                "inner_steps": self.inner_steps, "num_syncs": self.num_syncs}
+        pending = {}
+        for f, p in self.pending.items():  # drain: the results are saved, so a resume applies them on time
+            t0 = time.perf_counter()
+            result = p.future.result()
+            self.wait_seconds += time.perf_counter() - t0
+            if p.done_event is not None:
+                torch.cuda.current_stream().wait_event(p.done_event)
+            pending[f] = {"launched_at": p.launched_at, "result": None if result is None else result.cpu()}
+        local = self._backup if self._backup is not None else self.params
+        return {"mode": "diloco", "fragments": len(self.fragments), "h": self.h, "overlap": self.overlap,
+                "theta_global": [[t.cpu() for t in frag.theta] for frag in self.fragments],
+                "outer_optimizer": self.outer_optimizer.state_dict(),
+                "codecs": [frag.codec.state_dict() for frag in self.fragments],
+                "inner_step": self.inner_step, "last_launch": list(self.last_launch), "pending": pending,
+                "num_syncs": self.num_syncs, "wait_seconds": self.wait_seconds,
+                "local_weights": [t.detach().cpu().clone() for t in local]}
 
     def load_state_dict(self, state):
         """Restore a DiLoCo state; a DDP checkpoint (or none) starts the outer loop fresh from the weights."""
         if not state or state.get("mode") != "diloco":
             return
-        for theta, saved in zip(self.theta_global, state["theta_global"], strict=True):
-            theta.copy_(saved)
+        if "inner_step" not in state:
+            raise ValueError("this checkpoint's DiLoCo state predates exact resume (no worker weights saved): "
+                             "it cannot be resumed; start the stage again without --resume")
+        if (state["fragments"], state["h"], state["overlap"]) != (len(self.fragments), self.h, self.overlap):
+            raise ValueError(f"checkpoint was saved with --diloco-fragments {state['fragments']} --diloco-h "
+                             f"{state['h']} --diloco-overlap {state['overlap']}: resume with the same flags")
+        with torch.no_grad():
+            for frag, saved in zip(self.fragments, state["theta_global"], strict=True):
+                for theta, t in zip(frag.theta, saved, strict=True):
+                    theta.copy_(t)
+            for p, t in zip(self.params, state["local_weights"], strict=True):
+                p.copy_(t)
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
-        self.compressor.load_state_dict(state["compressor"])
-        self.inner_steps, self.num_syncs = state["inner_steps"], state["num_syncs"]
+        for frag, codec_state in zip(self.fragments, state["codecs"], strict=True):
+            frag.codec.load_state_dict(codec_state)
+        self.inner_step, self.last_launch = state["inner_step"], list(state["last_launch"])
+        self.num_syncs, self.wait_seconds = state["num_syncs"], state["wait_seconds"]
+        self.pending = {}
+        for f, saved in state["pending"].items():
+            future = Future()
+            future.set_result(None if saved["result"] is None else saved["result"].to(self.device))
+            self.pending[f] = Pending(future, saved["launched_at"])
 
 
-def make_sync(args, model, optimizers, groups):
+def make_sync(args, model, optimizers, groups, outer_optimizer=None):
+    """DDPSync or DiLoCoSync from the flags. outer_optimizer: params -> Optimizer (default: SGD from the
+    --outer-* flags; momentum 0 when the codec keeps the momentum itself, as dct does)."""
+    if args.comm_delay_ms:
+        comm.set_comm_delay("inner" if args.sync == "ddp" else "outer", args.comm_delay_ms / 1000)
     if args.sync == "ddp":
         return DDPSync(model, optimizers, groups)
-    return DiLoCoSync(model, optimizers, groups, h=args.diloco_h, outer_lr=args.outer_lr,
-                      outer_momentum=args.outer_momentum, outer_nesterov=args.outer_nesterov,
-                      outer_device=args.outer_device, compression=args.outer_compression)
+    codec_owns_momentum = CODECS[args.outer_compression].owns_momentum
+    if outer_optimizer is None:
+        momentum = 0.0 if codec_owns_momentum else args.outer_momentum
+        nesterov = bool(args.outer_nesterov) and momentum > 0
+
+        def outer_optimizer(params):
+            return torch.optim.SGD(params, lr=args.outer_lr, momentum=momentum, nesterov=nesterov)
+    return DiLoCoSync(model, optimizers, groups, h=args.diloco_h, outer_optimizer=outer_optimizer,
+                      codec_factory=lambda sizes, device: make_codec(args, sizes, device, momentum=args.outer_momentum),
+                      outer_device=args.outer_device, fragments=args.diloco_fragments, overlap=args.diloco_overlap,
+                      alpha=args.fragment_alpha)

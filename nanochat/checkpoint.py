@@ -14,6 +14,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from nanochat import comm
 from nanochat.common import get_base_dir, logger
 
 STAGES = ("base", "mid", "sft", "rl")
@@ -109,14 +110,17 @@ def load_checkpoint(ckpt_dir, step, device, rank=0, load_optimizer=True):
 
 
 def restore_training(ckpt_dir, model, optimizers, sync, device, rank):
-    """Load the last checkpoint of a training run into its live objects: weights, this rank's optimizer states,
-    the sync state (DiLoCo's theta_global, outer momentum, counters) and the communication counters.
+    """Load the last checkpoint of a training run (written by save_training) into its live objects: weights,
+    this rank's optimizer states, the sync state (DiLoCo's theta_global, outer momentum, counters and, loaded
+    after model.pt's theta_global, the worker's own weights) and the communication counters.
     Returns (step, meta, extra) so the caller can restore what else it saved (loader position, metrics)."""
-    from nanochat import comm
     step = find_last_step(ckpt_dir)
     if step is None:
         raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
     model_state, optim_state, meta, extra = load_checkpoint(ckpt_dir, step, device, rank=rank)
+    if optim_state is None or extra is None or "sync" not in extra:
+        raise SystemExit(f"--resume: {_step_dir(ckpt_dir, step)} holds weights but no training state for rank {rank} "
+                         f"(an older save, or another number of ranks): run again without --resume")
     model.load_state_dict(model_state)
     for opt, state in zip(optimizers, optim_state, strict=True):
         opt.load_state_dict(state)
@@ -124,6 +128,16 @@ def restore_training(ckpt_dir, model, optimizers, sync, device, rank):
     comm.load_comm_stats(extra["comm"])
     logger.info(f"resumed from {ckpt_dir} step {step}")
     return step, meta, extra
+
+
+def save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra):
+    """What restore_training reads, saved by every rank inside sync.global_view() (so model.pt is theta_global):
+    this rank's optimizer and sync states (the sync's holds the worker's own weights), the communication
+    counters, rank 0's seconds blocked on outer exchanges, and the stage's own extra state."""
+    sync_state = sync.state_dict()  # first: it may wait for exchanges in flight
+    return save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
+                           dict(meta, outer_wait_seconds=sync.wait_seconds), rank=rank,
+                           extra=dict(extra, sync=sync_state, comm=comm.comm_stats()))
 
 
 def latest_model_tag(stage):

@@ -1,17 +1,33 @@
 """Collectives that count what they send, per process-group label ("inner", "outer", ...).
 
-Bytes are the payload one rank hands to the collective (numel x element size), which is the figure that
-matters when comparing DDP with DiLoCo: both use the same all-reduce algorithm, so wire traffic scales
-with it. Time is wall time spent inside the call (blocking collectives).
+Bytes are what this rank sends on the wire under the bandwidth-optimal ring model, for a group of K ranks
+and a tensor of n bytes (integer math, so figures are exact and reproducible):
+
+    all_reduce (sum or mean)              2 (K-1) n // K   reduce-scatter then all-gather of n/K chunks
+    all_gather (n bytes in, from each)      (K-1) n        this rank's n bytes reach K-1 peers
+    all_to_all_single (n bytes in)          (K-1) n // K   keeps its own 1/K, sends the rest (= reduce-scatter)
+    broadcast (n bytes)                     (K-1) n // K   a share of the (K-1) n any broadcast tree moves
+
+At K = 2 an all-reduce counts n and an all-gather n, the payload handed in. The sum over a group's ranks
+is what crosses its links, which is the figure that matters when comparing DDP, DiLoCo and codecs whose
+cost grows differently with K. Groups of one rank send nothing and are not counted. Time is wall time
+spent inside the call (blocking collectives), including any test delay set with set_comm_delay.
+
+Counting is thread-safe: an outer exchange may run on a background thread while the inner steps count
+their own collectives on the main one.
 """
 
+import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
 _labels = {}  # id(group) -> label; None (the world) is "world"
+_delays = {}  # label -> seconds every collective on such a group sleeps (a test hook for slow links)
+_lock = threading.Lock()
 _stats = defaultdict(lambda: {"bytes": 0, "calls": 0, "seconds": 0.0})
 
 
@@ -29,67 +45,118 @@ def group_size(group):
     return dist.get_world_size(group)
 
 
+def set_comm_delay(label, seconds):
+    """Every collective on a group labelled `label` sleeps `seconds` inside the call (0 removes the delay)."""
+    if seconds < 0:
+        raise ValueError(f"comm delay for {label!r} must be >= 0 seconds, got {seconds}")
+    if seconds == 0:
+        _delays.pop(label, None)
+    else:
+        _delays[label] = float(seconds)
+
+
+def _nbytes(tensor):
+    return tensor.numel() * tensor.element_size()
+
+
+@contextmanager
+def _counted(group, wire_bytes):
+    """Time the collective run inside (plus any test delay) and count `wire_bytes` against the group's label."""
+    label = group_label(group)
+    t0 = time.perf_counter()
+    delay = _delays.get(label, 0.0)
+    if delay:
+        time.sleep(delay)
+    yield
+    _record(label, wire_bytes, time.perf_counter() - t0)
+
+
 def all_reduce_mean(tensor, group=None):
     """In-place mean over `group`, counted. gloo has no AVG, so SUM then divide."""
     size = group_size(group)
     if size == 1:
         return tensor
-    t0 = time.perf_counter()
-    if dist.get_backend(group) == "nccl":
-        dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=group)
-    else:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        tensor.div_(size)
-    _record(group, tensor.numel() * tensor.element_size(), time.perf_counter() - t0)
+    with _counted(group, 2 * (size - 1) * _nbytes(tensor) // size):
+        if dist.get_backend(group) == "nccl":
+            dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=group)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+            tensor.div_(size)
     return tensor
 
 
 def all_reduce_sum(tensor, group=None):
-    if group_size(group) == 1:
+    size = group_size(group)
+    if size == 1:
         return tensor
-    t0 = time.perf_counter()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    _record(group, tensor.numel() * tensor.element_size(), time.perf_counter() - t0)
+    with _counted(group, 2 * (size - 1) * _nbytes(tensor) // size):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
 def broadcast(tensor, src, group=None):
-    if group_size(group) == 1:
+    size = group_size(group)
+    if size == 1:
         return tensor
-    t0 = time.perf_counter()
-    dist.broadcast(tensor, src=src, group=group)
-    _record(group, tensor.numel() * tensor.element_size(), time.perf_counter() - t0)
+    with _counted(group, (size - 1) * _nbytes(tensor) // size):
+        dist.broadcast(tensor, src=src, group=group)
     return tensor
 
 
 def all_gather(tensor, group=None):
-    """List of every rank's `tensor` (same shape everywhere), counted as the payload this rank hands in."""
+    """List of every rank's `tensor` (same shape everywhere)."""
     size = group_size(group)
     if size == 1:
         return [tensor]
     out = [torch.empty_like(tensor) for _ in range(size)]
-    t0 = time.perf_counter()
-    dist.all_gather(out, tensor, group=group)
-    _record(group, tensor.numel() * tensor.element_size(), time.perf_counter() - t0)
+    with _counted(group, (size - 1) * _nbytes(tensor)):
+        dist.all_gather(out, tensor, group=group)
     return out
 
 
-def _record(group, nbytes, seconds):
-    s = _stats[group_label(group)]
-    s["bytes"] += nbytes
-    s["calls"] += 1
-    s["seconds"] += seconds
+def all_gather_into_tensor(output, input, group=None):
+    """output (contiguous, K x input's elements) = every rank's `input` in rank order, any shapes."""
+    size = group_size(group)
+    if size == 1:
+        output.view(-1).copy_(input.reshape(-1))
+        return output
+    # torch >= 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    with _counted(group, (size - 1) * _nbytes(input)):
+        gather(output.view(-1), input.reshape(-1), group=group)  # gloo wants matching flat shapes
+    return output
+
+
+def all_to_all_single(output, input, group=None):
+    """Split `input` into K equal parts along dim 0: part j goes to rank j; output part i came from rank i."""
+    size = group_size(group)
+    if size == 1:
+        output.copy_(input)
+        return output
+    with _counted(group, (size - 1) * _nbytes(input) // size):
+        dist.all_to_all_single(output, input, group=group)
+    return output
+
+
+def _record(label, nbytes, seconds):
+    with _lock:
+        s = _stats[label]
+        s["bytes"] += nbytes
+        s["calls"] += 1
+        s["seconds"] += seconds
 
 
 def comm_stats():
     """Snapshot: {label: {"bytes", "calls", "seconds"}} since start (or the last reset)."""
-    return {k: dict(v) for k, v in _stats.items()}
+    with _lock:
+        return {k: dict(v) for k, v in _stats.items()}
 
 
 def global_comm_stats(labels=("inner", "outer", "world")):
     """{label: {"bytes", "seconds"}} summed over all ranks (the bookkeeping reduce itself is not counted)."""
-    local = torch.tensor([[_stats[l]["bytes"], _stats[l]["seconds"]] if l in _stats else [0.0, 0.0]
-                          for l in labels], dtype=torch.float64)
+    mine = comm_stats()
+    local = torch.tensor([[mine[l]["bytes"], mine[l]["seconds"]] if l in mine else [0.0, 0.0] for l in labels],
+                         dtype=torch.float64)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl":
             local = local.cuda()
@@ -99,13 +166,15 @@ def global_comm_stats(labels=("inner", "outer", "world")):
 
 def load_comm_stats(saved):
     """Continue counting from a checkpoint's figures (so cumulative bytes survive a resume)."""
-    _stats.clear()
-    for label, s in saved.items():
-        _stats[label].update(s)
+    with _lock:
+        _stats.clear()
+        for label, s in saved.items():
+            _stats[label].update(s)
 
 
 def reset_comm_stats():
-    _stats.clear()
+    with _lock:
+        _stats.clear()
 
 
 def flat_all_reduce_mean(tensors, group=None):

@@ -102,7 +102,8 @@ def autocast_context(device_type):
     return contextlib.nullcontext()
 
 
-def synchronize(device_type):
+def device_synchronize(device_type):
+    """Wait for the GPU's queued work (for timings); not DiLoCo's sync.synchronize()."""
     if device_type == "cuda":
         torch.cuda.synchronize()
 

@@ -11,10 +11,32 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanochat.optim import AdamW, Muon
 
 SOFTCAP = 15.0
+LOSS_CHUNK_ROWS = 8192  # tokens whose logits are materialised at once by the training loss
+
+
+def _softcapped_logits(x, weight):
+    logits = F.linear(x, weight).float()
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+def _chunk_loss_sum(x, weight, targets):
+    return F.cross_entropy(_softcapped_logits(x, weight), targets, ignore_index=-1, reduction="none")
+
+
+def softcapped_cross_entropy(x, weight, targets, chunk_rows=LOSS_CHUNK_ROWS):
+    """Per-token cross-entropy (0 where the target is -1) of softcapped fp32 logits x @ weight.T, computed
+    chunk_rows tokens at a time and recomputed in the backward pass, so the full (tokens, vocab) fp32 logits,
+    the largest tensor of a training step (17 GB at d20, batch 32 x 2048, vocab 65,536), never exist at once."""
+    if x.size(0) <= chunk_rows:
+        return _chunk_loss_sum(x, weight, targets)
+    return torch.cat([torch.utils.checkpoint.checkpoint(_chunk_loss_sum, x[i:i + chunk_rows], weight,
+                                                        targets[i:i + chunk_rows], use_reentrant=False)
+                      for i in range(0, x.size(0), chunk_rows)])
 ROTARY_BASE = 10000.0
 ROTARY_LEN_MULT = 10  # rotary tables cover 10x sequence_len so generation can run past the training length
 
@@ -247,13 +269,12 @@ class GPT(nn.Module):
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(x).float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
-                               reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+            return _softcapped_logits(x, self.lm_head.weight)
+        losses = softcapped_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
+        if loss_reduction == "none":
+            return losses.view(B, T)
+        return losses.sum() / (targets != -1).sum()  # mean over the targets, as F.cross_entropy's "mean"
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

@@ -15,14 +15,15 @@ import torch
 
 from diloco import add_sync_args, make_sync, make_worker_groups
 from nanochat import comm
-from nanochat.checkpoint import checkpoint_dir, restore_training, save_checkpoint
-from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, exit_now,
-                             init_wandb, peak_flops, print0, synchronize)
+from nanochat.checkpoint import checkpoint_dir, restore_training, save_training
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init,
+                             device_synchronize, exit_now, init_wandb, peak_flops, print0)
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.train_loop import metrics_until, muon_momentum, on_theta_global, plan, set_schedule
 
 # Presets: "tiny" learns visibly in minutes on 2 CPU cores; "d20" is nanochat's 8xH100 speedrun model.
 PRESETS = {
@@ -112,23 +113,21 @@ groups = make_worker_groups(args)
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                     matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                     process_group=groups.inner)
-adamw, muon = optimizers
 sync = make_sync(args, model, optimizers, groups)
 if args.sync == "diloco":
     print0(f"DiLoCo: {groups.num_workers} workers x {groups.ranks_per_worker} ranks, H={args.diloco_h}, "
            f"outer lr {args.outer_lr}, momentum {args.outer_momentum}, nesterov {args.outer_nesterov}, "
            f"compression {args.outer_compression}")
-    for every, name in ((args.eval_every, "--eval-every"), (args.save_every, "--save-every")):
-        if every > 0 and every % args.diloco_h:
-            print0(f"note: {name} {every} is not a multiple of H={args.diloco_h}: each eval/save forces an early outer sync")
 
 # Resume
 model_tag = args.model_tag or f"d{args.depth}"
 ckpt_dir = checkpoint_dir("base", model_tag)
-start_step, loader_state, elapsed_before = 0, None, 0.0
+start_step, loader_state, train_seconds = 0, None, 0.0
+val_bpb = min_val_bpb = float("nan")
 if args.resume:
     start_step, meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank)
-    loader_state, elapsed_before = extra["loader"], meta["train_seconds"]
+    loader_state, train_seconds = extra["loader"], meta["train_seconds"]
+    val_bpb, min_val_bpb = meta["val_bpb"], meta["min_val_bpb"]
 train_model = torch.compile(model, dynamic=False) if (args.compile == 1 or (args.compile == -1 and device_type == "cuda")) else model
 
 train_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "train", tokenizer,
@@ -143,11 +142,6 @@ def lr_multiplier(it):
     if it <= num_iterations - warmdown:
         return 1.0
     return (num_iterations - it) / warmdown * (1 - args.final_lr_frac) + args.final_lr_frac
-
-
-def muon_momentum(it):
-    frac = min(it / 300, 1)
-    return (1 - frac) * 0.85 + frac * 0.95
 
 
 def evaluate():
@@ -175,13 +169,9 @@ def sample():
 metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
 if master:  # keep the history up to the resume point; the resumed run appends the rest
     os.makedirs(ckpt_dir, exist_ok=True)
-    kept = []
-    if args.resume and os.path.exists(metrics_path):
-        # a loss record's step counts steps done; an eval record's step is where it ran (re-run on resume)
-        kept = [line for line in open(metrics_path)
-                if json.loads(line)["step"] < start_step or (json.loads(line)["step"] == start_step and "loss" in line)]
+    kept = metrics_until(metrics_path, start_step) if args.resume and os.path.exists(metrics_path) else []
     with open(metrics_path, "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(record) + "\n" for record in kept)
 
 
 def log_metrics(record):
@@ -198,38 +188,35 @@ def comm_figures():
 
 # Training loop
 peak = peak_flops(device)
-val_bpb = min_val_bpb = float("nan")
-train_seconds = elapsed_before
 smooth_loss = 0.0
 step = start_step
 for step in range(start_step, num_iterations + 1):
-    last_step = step == num_iterations
-    stopping = last_step or step == args.stop_after
+    at = plan(step, num_iterations, resumed_at=start_step if args.resume else None, stop_after=args.stop_after,
+              eval_every=args.eval_every, sample_every=args.sample_every, save_every=args.save_every)
     tokens_seen = step * args.total_batch_size
-    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-        sync.synchronize()  # evaluate theta_global, never a drifted replica
-        val_bpb = evaluate()
-        min_val_bpb = val_bpb if math.isnan(min_val_bpb) else min(min_val_bpb, val_bpb)
-        figures = comm_figures()
-        print0(f"step {step:05d} | val bpb {val_bpb:.4f} | tokens {tokens_seen:,} | "
-               f"inner {figures['inner_bytes']:,} B | outer {figures['outer_bytes']:,} B")
-        log_metrics({"step": step, "tokens": tokens_seen, "val_bpb": val_bpb, "train_seconds": train_seconds, **figures})
-    if last_step or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0):
-        sync.synchronize()  # collective: every rank takes part, rank 0 samples
-        if master:
-            sample()
-    if stopping or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
-        sync.synchronize()
-        meta = {"model_config": vars(model_config), "user_config": vars(args), "stage": "base", "preset": preset,
-                "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "tokens": tokens_seen, "train_seconds": train_seconds,
-                "num_iterations": num_iterations, "world_size": world_size, "sync": args.sync, **comm_figures()}
-        save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta, rank=rank,
-                        extra={"loader": loader_state, "sync": sync.state_dict(), "comm": comm.comm_stats()})
-    if stopping:
+    if at.eval or at.sample or at.save:
+        with on_theta_global(sync, at.last):  # collective: every rank takes part, rank 0 samples and writes
+            if at.eval:
+                val_bpb = evaluate()
+                min_val_bpb = val_bpb if math.isnan(min_val_bpb) else min(min_val_bpb, val_bpb)
+                figures = comm_figures()
+                print0(f"step {step:05d} | val bpb {val_bpb:.4f} | tokens {tokens_seen:,} | "
+                       f"inner {figures['inner_bytes']:,} B | outer {figures['outer_bytes']:,} B")
+                log_metrics({"step": step, "tokens": tokens_seen, "val_bpb": val_bpb, "train_seconds": train_seconds,
+                             **figures})
+            if at.sample and master:
+                sample()
+            if at.save:
+                meta = {"model_config": vars(model_config), "user_config": vars(args), "stage": "base",
+                        "preset": preset, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "tokens": tokens_seen,
+                        "train_seconds": train_seconds, "num_iterations": num_iterations, "world_size": world_size,
+                        "sync": args.sync, **comm_figures()}
+                save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra={"loader": loader_state})
+    if at.stop:
         break
 
     # one optimizer step: grad_accum micro-steps, then the inner step (and maybe the outer one)
-    synchronize(device_type)
+    device_synchronize(device_type)
     t0 = time.time()
     for _ in range(grad_accum_steps):
         with autocast:
@@ -238,13 +225,9 @@ for step in range(start_step, num_iterations + 1):
         loader_state = state_after_x
         x, y, state_after_x = next(train_loader)
     lrm = lr_multiplier(step)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for group in muon.param_groups:
-        group["momentum"] = muon_momentum(step)
+    set_schedule(optimizers, lrm, muon_momentum(step))
     sync.step()
-    synchronize(device_type)
+    device_synchronize(device_type)
     dt = time.time() - t0
     train_seconds += dt
 
@@ -257,7 +240,8 @@ for step in range(start_step, num_iterations + 1):
     print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.0f} ms | "
            f"tok/s {tok_per_s:,.0f} | mfu {mfu} | inner {stats.get('inner', {}).get('bytes', 0):,} B | "
            f"outer {stats.get('outer', {}).get('bytes', 0):,} B (this rank)")
-    log_metrics({"step": step + 1, "loss": loss_value, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s})
+    log_metrics({"step": step + 1, "loss": loss_value, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s,
+                 "outer_wait_seconds": sync.wait_seconds})
 
 # Summary
 figures = comm_figures()
@@ -265,7 +249,7 @@ tokens_total = step * args.total_batch_size
 print0(f"done: {step} steps, {tokens_total:,} tokens, val bpb {val_bpb:.4f}, {train_seconds:.1f} s training, "
        f"peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device_type == "cuda" else
        f"done: {step} steps, {tokens_total:,} tokens, val bpb {val_bpb:.4f}, {train_seconds:.1f} s training")
-if last_step:
+if at.last:
     bytes_across = figures["outer_bytes"] if args.sync == "diloco" else figures["inner_bytes"]
     get_report().log(section="Base model training", data=[
         {"preset": preset, "depth": args.depth, "parameters": num_params, "vocab": vocab_size, "ranks": world_size,
@@ -273,7 +257,8 @@ if last_step:
                                  "outer_momentum": args.outer_momentum, "compression": args.outer_compression}
                                 if args.sync == "diloco" else {})},
         {"steps": num_iterations, "tokens": tokens_total, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
-         "train_seconds": train_seconds, "tokens_per_second": tokens_total / max(train_seconds, 1e-9),
+         "train_seconds": train_seconds, "outer_wait_seconds": sync.wait_seconds,
+         "tokens_per_second": tokens_total / max(train_seconds, 1e-9),
          "inner_bytes": figures["inner_bytes"], "outer_bytes": figures["outer_bytes"],
          "bytes_across_workers": bytes_across, "bytes_across_workers_per_token": bytes_across / max(tokens_total, 1)},
     ])

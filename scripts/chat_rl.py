@@ -23,12 +23,13 @@ import time
 import torch
 
 from diloco import add_sync_args, make_sync, make_worker_groups
-from nanochat.checkpoint import checkpoint_dir, load_model, save_checkpoint
+from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_training
 from nanochat.comm import all_reduce_sum
-from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, exit_now, get_dist_info,
-                             init_wandb, print0, synchronize)
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, device_synchronize,
+                             exit_now, get_dist_info, init_wandb, print0)
 from nanochat.engine import Engine
 from nanochat.report import get_report
+from nanochat.train_loop import on_theta_global, plan, scale_initial_lrs, set_schedule
 from scripts.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
 
 
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=60, help="steps between pass@1 evals (0: start and end only)")
     parser.add_argument("--eval-examples", type=int, default=400, help="held-out problems per eval")
     parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last rl checkpoint of this model tag")
+    parser.add_argument("--stop-after", type=int, default=-1,
+                        help="save and exit after this step without changing the schedule (time-sliced jobs)")
     add_sync_args(parser)
     return parser.parse_args(argv)
 
@@ -122,41 +126,52 @@ def policy_gradient_backward(model, sequences, device_batch_size):
     return total
 
 
-def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_label, args, save=None, log=None):
-    """Run the RL loop; returns the history: {"step", "reward"} per step and {"step", "pass@1"} per eval.
+def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_label, args, save=None, log=None,
+             resume=None):
+    """Run the RL loop; returns (history, finished): the history has {"step", "reward", ...} per step and
+    {"step", "pass@1", ...} per eval; finished is False when --stop-after ended it early.
     train_task: a task with __len__, __getitem__ and reward(conversation, text); eval_task: for run_chat_eval.
-    save(step) is called (on every rank) at checkpoint steps; log(record) receives every record."""
+    save(step, state) is called (on every rank, the model holding theta_global) at checkpoint steps with the
+    loop's own state; resume=(step, state) continues from one, the caller having restored the weights,
+    optimizers and sync. log(record) receives every new record."""
     _, rank, _, world = get_dist_info()
     engine = Engine(model, tokenizer)
-    assert args.examples_per_step % world == 0, f"--examples-per-step {args.examples_per_step} must be a multiple of {world} ranks"
+    if args.examples_per_step % world:
+        raise SystemExit(f"--examples-per-step {args.examples_per_step} must be a multiple of the {world} ranks")
     num_steps = args.num_steps if args.num_steps >= 0 else len(train_task) // args.examples_per_step
     device = model.get_device()
-    history, window = [], torch.zeros(2, dtype=torch.float64, device=device)  # rewards since the last eval: sum, count
+    start_step, state = resume or (0, {"history": [], "window": [0.0, 0.0]})
+    history = list(state["history"])
+    window = torch.tensor(state["window"], dtype=torch.float64, device=device)  # rewards since the last eval: sum, count
 
     def record(entry):
         history.append(entry)
         if log:
             log(entry)
 
-    for step in range(num_steps + 1):
-        last = step == num_steps
-        if last or step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
-            sync.synchronize()  # evaluate theta_global
-            result = run_chat_eval(model, tokenizer, engine, eval_label, max_problems=args.eval_examples,
-                                   max_new_tokens=args.max_new_tokens, temperature=0.0, task=eval_task)
-            all_reduce_sum(window)
-            mean_reward = (window[0] / window[1]).item() if window[1] > 0 else None
-            window.zero_()
-            print0(f"step {step:05d} | {eval_label} pass@1 {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
-                   + (f" | train reward since last eval (all ranks) {mean_reward:.4f}" if step > 0 else ""))
-            record({"step": step, "pass@1": result["accuracy"], "eval_total": result["total"], "window_reward": mean_reward})
-        if save is not None and (last or (args.save_every > 0 and step % args.save_every == 0 and step > 0)):
-            sync.synchronize()
-            save(step)
-        if last:
+    for step in range(start_step, num_steps + 1):
+        at = plan(step, num_steps, resumed_at=start_step if resume else None, stop_after=args.stop_after,
+                  eval_every=args.eval_every or num_steps, save_every=args.save_every)  # 0: at the start and end
+        at.save = at.save and save is not None
+        if at.eval or at.save:
+            with on_theta_global(sync, at.last):  # collective: every rank takes part
+                if at.eval:
+                    result = run_chat_eval(model, tokenizer, engine, eval_label, max_problems=args.eval_examples,
+                                           max_new_tokens=args.max_new_tokens, temperature=0.0, task=eval_task)
+                    all_reduce_sum(window)
+                    mean_reward = (window[0] / window[1]).item() if window[1] > 0 else None
+                    window.zero_()
+                    print0(f"step {step:05d} | {eval_label} pass@1 {result['accuracy']:.4f} "
+                           f"({result['correct']}/{result['total']})"
+                           + (f" | train reward since last eval (all ranks) {mean_reward:.4f}" if step > 0 else ""))
+                    record({"step": step, "pass@1": result["accuracy"], "eval_total": result["total"],
+                            "window_reward": mean_reward})
+                if at.save:
+                    save(step, {"history": history, "window": window.tolist()})
+        if at.stop:
             break
 
-        synchronize(device.type)
+        device_synchronize(device.type)
         t0 = time.time()
         model.eval()
         sequences, rewards, lengths, informative = [], [], [], 0
@@ -176,19 +191,17 @@ def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_lab
         model.train()
         loss = policy_gradient_backward(model, sequences, args.device_batch_size)
         lrm = 1.0 - step / num_steps
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        set_schedule(optimizers, lrm)  # Muon's momentum stays 0.95, as in nanochat's chat_rl (see chat_train.py)
         sync.step()
-        synchronize(device.type)
+        device_synchronize(device.type)
         dt = time.time() - t0
         mean_reward = sum(rewards) / len(rewards)
         window += torch.tensor([sum(rewards), len(rewards)], dtype=torch.float64, device=device)
         print0(f"step {step + 1:05d}/{num_steps:05d} | reward {mean_reward:.4f} | loss {loss:+.5f} | "
                f"length {sum(lengths) / len(lengths):.1f} | lrm {lrm:.2f} | dt {dt * 1000:.0f} ms (this rank)")
         record({"step": step + 1, "reward": mean_reward, "informative": informative, "loss": loss,
-                "length": sum(lengths) / len(lengths), "dt": dt})
-    return history
+                "length": sum(lengths) / len(lengths), "dt": dt, "outer_wait_seconds": sync.wait_seconds})
+    return history, at.last
 
 
 def main(argv=None):
@@ -209,17 +222,21 @@ def main(argv=None):
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                         process_group=groups.inner)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] *= args.init_lr_frac
+    scale_initial_lrs(optimizers, args.init_lr_frac)
     sync = make_sync(args, model, optimizers, groups)
 
     ckpt_dir = checkpoint_dir("rl", meta["model_tag"])
     metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
-    if master:
+    resume, seconds_before = None, 0.0
+    if args.resume:  # the weights, optimizers and sync, then the loop's step, history and reward window
+        step, rl_meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank)
+        resume, seconds_before = (step, extra["loop"]), rl_meta["train_seconds"]
+    history = resume[1]["history"] if resume else []
+    if master:  # rank 0's history is what it logged up to the checkpoint
         os.makedirs(ckpt_dir, exist_ok=True)
-        open(metrics_path, "w").close()
-    last_eval = {}
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(entry) + "\n" for entry in history)
+    last_eval = next((entry for entry in reversed(history) if "pass@1" in entry), {})
 
     def log(entry):
         if "pass@1" in entry:
@@ -229,16 +246,22 @@ def main(argv=None):
                 f.write(json.dumps(entry) + "\n")
         wandb_run.log(entry)
 
-    def save(step):
+    t0 = time.time() - seconds_before
+
+    def save(step, loop_state):
         rl_meta = {"model_config": meta["model_config"], "user_config": vars(args), "stage": "rl",
                    "parent": {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"]},
                    "eval_label": eval_label, "pass@1": last_eval.get("pass@1"), "world_size": world, "sync": args.sync,
-                   "trained_on_test": trained_on_test or {}}
-        save_checkpoint(ckpt_dir, step, model.state_dict(), None, rl_meta, rank=rank)
+                   "trained_on_test": trained_on_test or {}, "train_seconds": time.time() - t0}
+        save_training(ckpt_dir, step, model, optimizers, sync, rl_meta, rank, extra={"loop": loop_state})
 
-    t0 = time.time()
-    history = train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_label, args, save=save, log=log)
+    history, finished = train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_label, args,
+                                 save=save, log=log, resume=resume)
     seconds = time.time() - t0
+    if not finished:
+        print0(f"stopped after step {args.stop_after}: continue with --resume")
+        compute_cleanup()
+        return history
 
     rewards = [h["reward"] for h in history if "reward" in h]
     evals = [h for h in history if "pass@1" in h]
@@ -247,7 +270,7 @@ def main(argv=None):
     summary = {"steps": len(rewards), f"reward first {tenth} steps (rank 0)": first,
                f"reward last {tenth} steps (rank 0)": final,
                f"{eval_label} pass@1 at start": evals[0]["pass@1"], f"{eval_label} pass@1 at end": evals[-1]["pass@1"],
-               "eval problems": evals[-1]["eval_total"], "seconds": seconds}
+               "eval problems": evals[-1]["eval_total"], "seconds": seconds, "outer_wait_seconds": sync.wait_seconds}
     informative = torch.tensor([sum(h["informative"] for h in history if "reward" in h)], device=device)
     all_reduce_sum(informative)
     summary["samples with a nonzero advantage (all ranks)"] = informative.item()

@@ -17,13 +17,14 @@ import torch
 
 from diloco import add_sync_args, make_sync, make_worker_groups
 from nanochat import comm
-from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_checkpoint
-from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
-                             print0, synchronize)
+from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_training
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init,
+                             device_synchronize, init_wandb, print0)
 from nanochat.dataloader import conversation_padded_loader, conversation_stream_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
+from nanochat.train_loop import metrics_until, muon_momentum, on_theta_global, plan, scale_initial_lrs, set_schedule
 from tasks.mixtures import training_mixture, validation_task
 
 STAGES = {
@@ -90,9 +91,7 @@ def main(stage, argv=None):
     groups = make_worker_groups(args)
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, process_group=groups.inner)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"] = group["lr"] * args.init_lr_frac
+    scale_initial_lrs(optimizers, args.init_lr_frac)
     sync = make_sync(args, model, optimizers, groups)
     use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
@@ -113,15 +112,14 @@ def main(stage, argv=None):
 
     ckpt_dir = checkpoint_dir(stage, output_tag)
     metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
-    start_step, metrics, train_seconds = 0, [], 0.0
+    start_step, metrics, train_seconds, val_bpb = 0, [], 0.0, float("nan")
     comm.reset_comm_stats()
     if args.resume:
-        last, meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank)
+        start_step, meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank)
         for _ in range(extra["batches"]):  # the loaders are deterministic: replaying them restores their state
             next(train_loader)
-        with open(metrics_path) as f:  # loss records count steps done; eval records re-run at the resume step
-            metrics = [m for m in map(json.loads, f) if m["step"] < last or (m["step"] == last and "loss" in m)]
-        start_step, train_seconds = last, meta["train_seconds"]
+        metrics = metrics_until(metrics_path, start_step)
+        train_seconds, val_bpb = meta["train_seconds"], meta["val_bpb"]
 
     def lr_multiplier(it):
         if stage == "sft":
@@ -139,7 +137,6 @@ def main(stage, argv=None):
         return bpb
 
     def save(step):
-        sync.synchronize()  # the checkpoint holds theta_global
         stats = comm.global_comm_stats()
         meta = {"model_config": vars(model.config), "user_config": vars(args), "stage": stage, "source": args.source,
                 "source_tag": source_meta["model_tag"], "source_step": source_meta["step"], "val_bpb": val_bpb,
@@ -147,28 +144,27 @@ def main(stage, argv=None):
                 "inner_bytes": stats["inner"]["bytes"], "outer_bytes": stats["outer"]["bytes"],
                 "bytes_across_workers": stats["outer" if args.sync == "diloco" else "inner"]["bytes"],
                 "mixture": used, "missing": missing}
-        save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta, rank=rank,
-                        extra={"sync": sync.state_dict(), "comm": comm.comm_stats(), "batches": step * grad_accum_steps})
+        save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra={"batches": step * grad_accum_steps})
         if master:
             with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(json.dumps(m) + "\n" for m in metrics)
             os.replace(metrics_path + ".tmp", metrics_path)
         return meta
 
-    val_bpb = float("nan")
     for step in range(start_step, num_iterations + 1):
-        last_step = step == num_iterations
-        stopping = last_step or step == args.stop_after
-        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            sync.synchronize()  # evaluate theta_global
-            val_bpb = evaluate()
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            metrics.append({"step": step, "rows": step * examples_per_step, "val_bpb": val_bpb})
-        if stopping or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
-            meta = save(step)
-        if stopping:
+        at = plan(step, num_iterations, resumed_at=start_step if args.resume else None, stop_after=args.stop_after,
+                  eval_every=args.eval_every, save_every=args.save_every)
+        if at.eval or at.save:
+            with on_theta_global(sync, at.last):  # collective: every rank takes part
+                if at.eval:
+                    val_bpb = evaluate()
+                    print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+                    metrics.append({"step": step, "rows": step * examples_per_step, "val_bpb": val_bpb})
+                if at.save:
+                    meta = save(step)
+        if at.stop:
             break
-        synchronize(device_type)
+        device_synchronize(device_type)
         t0 = time.time()
         for _ in range(grad_accum_steps):
             x, y, epoch = next(train_loader)
@@ -176,19 +172,19 @@ def main(stage, argv=None):
                 loss = train_model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
             (loss / grad_accum_steps).backward()
         lrm = lr_multiplier(step)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        # mid restarts Muon from an empty momentum buffer at the full pretraining lr, so it warms the momentum up
+        # as base does (and nanochat's mid_train); sft starts at 2 % of that lr and nanochat keeps 0.95 there
+        set_schedule(optimizers, lrm, muon_momentum(step) if stage == "mid" else None)
         sync.step()
-        synchronize(device_type)
+        device_synchronize(device_type)
         dt = time.time() - t0
         train_seconds += dt
         print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {loss.item():.4f} | lrm {lrm:.2f} | epoch {epoch} | "
                f"dt {dt * 1000:.0f} ms")
-        metrics.append({"step": step + 1, "loss": loss.item()})
+        metrics.append({"step": step + 1, "loss": loss.item(), "outer_wait_seconds": sync.wait_seconds})
         wandb_run.log({"step": step + 1, "loss": loss.item(), "lrm": lrm})
 
-    if not last_step:
+    if not at.last:
         print0(f"stopped after step {step}: continue with --resume")
         compute_cleanup()
         return
@@ -197,7 +193,8 @@ def main(stage, argv=None):
          **({"diloco_h": args.diloco_h, "workers": groups.num_workers} if args.sync == "diloco" else {})},
         {name: n for name, n in used}, {"missing offline": ", ".join(missing) or "none"},
         {"steps": num_iterations, "rows": num_iterations * examples_per_step, "val_bpb": val_bpb,
-         "train_seconds": train_seconds, "bytes_across_workers": meta["bytes_across_workers"]},
+         "train_seconds": train_seconds, "outer_wait_seconds": sync.wait_seconds,
+         "bytes_across_workers": meta["bytes_across_workers"]},
     ])
     print0(f"done: val bpb {val_bpb:.4f}, {train_seconds:.1f} s, checkpoint {ckpt_dir}")
     wandb_run.finish()

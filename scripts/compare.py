@@ -7,11 +7,12 @@ Arms (from "What happens when nanochat meets DiLoCo?"), same data, tokenizer, mo
 Arms that share a pretraining mode share its base checkpoint (and the tokenizer and data are shared by all).
 
 Every stage records a marker (<base>/runs/<stage>.json) with its outputs' SHA-256 and its inputs' markers.
-A re-run skips a stage only when its marker matches, its outputs verify and its inputs are unchanged;
-a partial, corrupted or stale output is redone (with everything downstream of it).
+A re-run skips a stage only when its marker matches (same command), its outputs verify and its inputs are
+unchanged; a partial, corrupted or stale output is redone (with everything downstream of it).
 
     python -m scripts.compare                       # all three arms, scale chosen by the hardware
     python -m scripts.compare --arms ddp --scale tiny
+    python -m scripts.compare --diloco-flags "--diloco-fragments 4 --diloco-overlap 1 --outer-compression int4"
 """
 
 import argparse
@@ -19,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -93,9 +95,12 @@ class Runner:
         except (OSError, json.JSONDecodeError):
             return None
 
-    def done(self, name, inputs):
+    def done(self, name, inputs, cmd=None):
         m = self.marker(name)
         if self.force or m is None or m["inputs"] != {i: self.digest(i) for i in inputs}:
+            return False
+        if cmd is not None and m["cmd"] != cmd:
+            print(f"[{name}] its flags changed: redoing the stage", flush=True)
             return False
         for path, digest in m["outputs"].items():
             if not os.path.exists(path) or sha256(path) != digest:
@@ -109,7 +114,7 @@ class Runner:
 
     def run(self, name, cmd, inputs, find_outputs, env=None):
         """Run cmd unless stage `name` is done; find_outputs() lists its output files after a run."""
-        if self.done(name, inputs):
+        if self.done(name, inputs, cmd):
             print(f"[{name}] done earlier, skipping", flush=True)
             return self.marker(name)
         if os.path.exists(self.marker_path(name)):
@@ -163,7 +168,7 @@ def torchrun_cmd(nproc, module, args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
 
 
-def run_experiment(arms, scale_name, force=False, seed=1337):
+def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=()):
     scale = SCALES[scale_name]
     nproc = scale["nproc"] or max(1, torch.cuda.device_count())
     base_dir = get_base_dir()
@@ -185,7 +190,7 @@ def run_experiment(arms, scale_name, force=False, seed=1337):
     results = {}
     for arm in arms:
         pre_sync, post_sync = ARMS[arm]
-        sync = lambda stage, mode: ["--sync", mode] + (scale["diloco"][stage] if mode == "diloco" else [])
+        sync = lambda stage, mode: ["--sync", mode] + ([*scale["diloco"][stage], *diloco_flags] if mode == "diloco" else [])
         base_tag = f"base_{pre_sync}"
         base = f"base_train-{pre_sync}"
         # report sections: shared base stages in report/base_<sync>, the arm's own in report/<arm>
@@ -367,6 +372,9 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="redo every stage even if done")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--out", default=None, help="report folder (default: <base>/compare)")
+    parser.add_argument("--diloco-flags", default="",
+                        help="extra flags for every DiLoCo stage, e.g. \"--diloco-fragments 4 --diloco-overlap 1 "
+                             "--outer-compression int4\" (stages whose flags changed are redone)")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
@@ -374,7 +382,7 @@ def main(argv=None):
         parser.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     scale = args.scale if args.scale != "auto" else ("d20" if torch.cuda.is_available() else "tiny")
     t0 = time.time()
-    results, runner = run_experiment(arms, scale, force=args.force, seed=args.seed)
+    results, runner = run_experiment(arms, scale, force=args.force, seed=args.seed, diloco_flags=shlex.split(args.diloco_flags))
     out = args.out or os.path.join(get_base_dir(), "compare")
     report, png1, png2 = write_report(results, runner, out, scale, time.time() - t0)
     print(open(report).read())

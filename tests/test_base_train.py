@@ -1,5 +1,7 @@
-"""base_train under torchrun (2 gloo processes): it learns, and stop + --resume reproduces the uninterrupted
-run exactly, for DDP and for DiLoCo (whose checkpoint carries theta_global, outer momentum, inner state)."""
+"""base_train under torchrun (2 gloo processes): it learns; stop + --resume reproduces the uninterrupted run
+exactly, for DDP and for DiLoCo (whose checkpoint carries theta_global, outer momentum, inner state and the
+workers' own weights), stopped in the middle of a round; and DiLoCo's mid-round evals and samples change
+nothing."""
 
 import os
 
@@ -8,33 +10,49 @@ import pytest
 from nanochat.checkpoint import checkpoint_dir, load_checkpoint
 from tests.helpers_pipeline import TINY_MODEL, make_tiny_corpus, read_metrics, torchrun
 
-SYNC = {"ddp": ["--sync", "ddp"], "diloco": ["--sync", "diloco", "--diloco-h", "3"]}
+SYNC = {"ddp": ["--sync", "ddp"], "diloco": ["--sync", "diloco", "--diloco-h", "5"]}
+
+
+def final(tag):
+    d = checkpoint_dir("base", tag)
+    weights, _, meta, _ = load_checkpoint(d, 10, "cpu")
+    records = read_metrics(os.path.join(d, "metrics.jsonl"))
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    bpbs = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
+    return weights, meta, losses, bpbs
 
 
 @pytest.mark.parametrize("mode", ["ddp", "diloco"])
 def test_resume_reproduces_uninterrupted_run(base_dir, mode):
     make_tiny_corpus(base_dir)
-    common = TINY_MODEL + SYNC[mode] + ["--num-iterations", "10", "--eval-every", "5", "--save-every", "4"]
+    # DiLoCo H = 5: the evals at 3, 6, 9, the samples at 4, 8, the saves at 4, 8 and the stop at 7 are mid-round
+    common = TINY_MODEL + SYNC[mode] + ["--num-iterations", "10", "--eval-every", "3", "--sample-every", "4",
+                                        "--save-every", "4"]
     torchrun("scripts.base_train", common + ["--model-tag", "full"])
-    torchrun("scripts.base_train", common + ["--model-tag", "split", "--stop-after", "4"])
+    torchrun("scripts.base_train", common + ["--model-tag", "split", "--stop-after", "7"])
     torchrun("scripts.base_train", common + ["--model-tag", "split", "--resume"])
 
-    full = read_metrics(os.path.join(checkpoint_dir("base", "full"), "metrics.jsonl"))
-    split = read_metrics(os.path.join(checkpoint_dir("base", "split"), "metrics.jsonl"))
-    losses = lambda recs: [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    bpbs = lambda recs: [(r["step"], r["val_bpb"]) for r in recs if "val_bpb" in r]
-    assert [s for s, _ in losses(full)] == list(range(1, 11))
-    assert losses(split) == losses(full)  # bit-for-bit on CPU
-    assert bpbs(split) == bpbs(full)
+    full_weights, full_meta, full_losses, full_bpbs = final("full")
+    split_weights, split_meta, split_losses, split_bpbs = final("split")
+    assert [s for s, _ in full_losses] == list(range(1, 11))
+    assert [s for s, _ in full_bpbs] == [0, 3, 6, 9, 10]
+    assert split_losses == full_losses  # bit-for-bit on CPU
+    assert split_bpbs == full_bpbs
+    assert all((full_weights[k] == split_weights[k]).all() for k in full_weights)
     # it learns: val bpb falls from init to the end
-    assert bpbs(full)[-1][1] < bpbs(full)[0][1] - 0.5
-    # the final checkpoints are the same weights
-    a, _, meta_a, _ = load_checkpoint(checkpoint_dir("base", "full"), 10, "cpu")
-    b, _, meta_b, _ = load_checkpoint(checkpoint_dir("base", "split"), 10, "cpu")
-    assert all((a[k] == b[k]).all() for k in a)
-    # communication: DDP all-reduces gradients every step; DiLoCo only every H steps (+ forced syncs at evals/saves)
+    assert full_bpbs[-1][1] < full_bpbs[0][1] - 0.5
+    # communication: DDP all-reduces gradients every step; DiLoCo only at its outer steps (2 in 10 steps)
     if mode == "ddp":
-        assert meta_a["outer_bytes"] == 0 and meta_a["inner_bytes"] > 0
+        assert full_meta["outer_bytes"] == 0 and full_meta["inner_bytes"] > 0
     else:
-        assert meta_a["inner_bytes"] == 0 and meta_a["outer_bytes"] > 0
-    assert meta_a["outer_bytes"] == meta_b["outer_bytes"] and meta_a["inner_bytes"] == meta_b["inner_bytes"]
+        assert full_meta["inner_bytes"] == 0 and full_meta["outer_bytes"] > 0
+    assert full_meta["outer_bytes"] == split_meta["outer_bytes"] and full_meta["inner_bytes"] == split_meta["inner_bytes"]
+
+    if mode == "diloco":  # a run that never evaluates, samples or saves before the end ends the same
+        torchrun("scripts.base_train", TINY_MODEL + SYNC[mode] + ["--num-iterations", "10", "--eval-every", "0",
+                                                                  "--sample-every", "0", "--model-tag", "quiet"])
+        quiet_weights, quiet_meta, quiet_losses, quiet_bpbs = final("quiet")
+        assert quiet_losses == full_losses
+        assert quiet_bpbs == full_bpbs[-1:]
+        assert all((full_weights[k] == quiet_weights[k]).all() for k in full_weights)
+        assert quiet_meta["outer_bytes"] == full_meta["outer_bytes"]

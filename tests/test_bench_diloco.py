@@ -1,6 +1,7 @@
 """bench/bench_diloco.py at micro scale: the bytes it reports are the exact DDP and DiLoCo figures."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from diloco.fragments import split_into_fragments
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import get_tokenizer
 from tests.helpers_pipeline import ROOT, TINY_MODEL, make_tiny_corpus
@@ -17,29 +19,38 @@ def test_bench_reports_exact_bytes_and_ratio(base_dir, tmp_path):
     make_tiny_corpus(base_dir)
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "bench.bench_diloco", "--num-iterations", "4", "--hs", "2", "--compressions", "int8",
-           "--overhead-rounds", "1", "--out", str(out), *TINY_MODEL]
+           "--streaming", "2:0", "--overlap-delay-ms", "0", "--overhead-rounds", "1", "--out", str(out), *TINY_MODEL]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "diloco.json").read_text())
-    ddp, int8 = result["arms"]
-    assert (ddp["arm"], int8["arm"]) == ("ddp", "diloco_h2_int8")
+    ddp, int8, stream = result["arms"]
+    assert (ddp["arm"], int8["arm"], stream["arm"]) == ("ddp", "diloco_h2_int8", "diloco_h2_f2_tau0")
 
     vocab = get_tokenizer().get_vocab_size()
     with torch.device("meta"):  # the TINY_MODEL shape, counted independently of the bench
         params = list(GPT(config_from_depth(2, vocab, 64, aspect_ratio=32, head_dim=32)).parameters())
-    P, n = sum(p.numel() for p in params), len(params)
+    P = sum(p.numel() for p in params)
     ddp_bytes = 4 * 2 * 4 * P  # 4 steps x 2 ranks x fp32 gradient all-reduce
-    int8_bytes = 2 * 2 * (P + 4 * n)  # 2 syncs x 2 workers x (1 byte per parameter + one fp32 scale per tensor)
+    shard = math.ceil(P / 2)  # int8 at 2 workers: all_to_all then all-gather of one shard, one fp32 scale per 256
+    int8_bytes = 2 * 2 * 2 * (shard + 4 * math.ceil(shard / 256))  # 2 syncs x 2 workers x 2 collectives
     assert ddp["bytes_across_workers"] == ddp["inner_bytes"] == ddp_bytes
     assert int8["bytes_across_workers"] == int8["outer_bytes"] == int8_bytes
     assert int8["inner_bytes"] == 0  # one rank per worker: nothing travels inside a worker
     assert int8["ratio_ddp_over_arm"] == int8["expected_ratio"] == ddp_bytes / int8_bytes
-    assert 7.99 < int8["ratio_ddp_over_arm"] < 8  # just under 4H because of the scales
+    assert 7.85 < int8["ratio_ddp_over_arm"] < 8  # just under 4H because of the scales (4 bytes per 256)
     assert (ddp["bytes_check"], int8["bytes_check"]) == ("PASS", "PASS")
     assert ddp["tokens"] == int8["tokens"] == 4 * 512
     assert int8["bytes_per_token"] == int8_bytes / (4 * 512)
     assert ddp["bpb_gap_pct"] == 0 and int8["bpb_gap_pct"] == pytest.approx(100 * (int8["val_bpb"] / ddp["val_bpb"] - 1))
+
+    # streaming, 2 fragments at H=2: fragment 0 syncs at steps 1 and 3, fragment 1 at 2 and 4, and fragment 0
+    # once more at the end of training (it took a step since its last sync); each sync event is half the model
+    n0 = sum(p.numel() for p in split_into_fragments(params, 2)[0])
+    assert abs(n0 - P / 2) <= 128  # the cut falls at the nearest row (rows of at most 256 numbers here)
+    assert stream["bytes_across_workers"] == 2 * 4 * (2 * P + n0) and stream["bytes_check"] == "PASS"
+    assert stream["peak_bytes_per_sync_event"] == 4 * max(n0, P - n0)
+    assert stream["bpb_gap_vs_plain_pct"] is None  # no plain arm in this run to compare with
 
     # overhead: warm-up + 1 round of H-step blocks, each with exactly one outer step
     assert result["overhead"]["h"] == 2 and result["overhead"]["outer_syncs"] == 2

@@ -4,12 +4,14 @@ second half) is honest end to end under DiLoCo on 2 processes."""
 
 import json
 import os
+import shutil
 
 import torch
 
 from diloco import make_sync, make_worker_groups
 from nanochat.checkpoint import checkpoint_dir, load_checkpoint, load_model
 from nanochat.engine import Engine
+from nanochat.train_loop import scale_initial_lrs
 from scripts import chat_eval, chat_rl
 from tests.helpers_pipeline import torchrun
 from tests.helpers_tiny import ANIMALS, PLACES, SOURCE, TAG, ScriptedModel, build_tiny
@@ -94,19 +96,51 @@ def test_rl_raises_a_learnable_reward(base_dir):
                                "--max-new-tokens", "20", "--eval-every", "0", "--init-lr-frac", "0.2", "--seed", "0"])
     groups = make_worker_groups(args)
     optimizers = model.setup_optimizers(process_group=groups.inner)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] *= args.init_lr_frac
+    scale_initial_lrs(optimizers, args.init_lr_frac)
     sync = make_sync(args, model, optimizers, groups)
     # "desert" is one of six places the model picks about equally; greedy decoding says "forest" for every animal
-    history = chat_rl.train_rl(model, tokenizer, optimizers, sync, PlaceTask(ANIMALS[:6], "desert"),
+    history, finished = chat_rl.train_rl(model, tokenizer, optimizers, sync, PlaceTask(ANIMALS[:6], "desert"),
                                PlaceTask(ANIMALS[6:], "desert"), "place", args)
     rewards = [h["reward"] for h in history if "reward" in h]
     evals = [h["pass@1"] for h in history if "pass@1" in h]
-    assert len(rewards) == 30 and len(PLACES) == 6
+    assert finished and len(rewards) == 30 and len(PLACES) == 6
     assert sum(rewards[:3]) / 3 < 0.25
     assert sum(rewards[-10:]) / 10 > 0.7
     assert evals == [0.0, 1.0]  # greedy replies about the two held-out animals now say desert too
+
+
+def test_rl_stopped_and_resumed_equals_uninterrupted(base_dir, monkeypatch):
+    """chat_rl.main with DiLoCo (H = 3, one worker in process; evals at 2 and 4 are mid-round), stopped after
+    step 5 (mid-round, with a step's rewards in the window) and resumed, ends with the weights and records of
+    the run that never stopped: the checkpoint holds the optimizers, the sync state, the step, the reward
+    window and the history; rollouts are seeded by slot."""
+    tiny(base_dir)
+    monkeypatch.setattr(chat_rl, "gsm8k_split",
+                        lambda: (PlaceTask(ANIMALS[:6], "desert"), PlaceTask(ANIMALS[6:], "desert"), "place", None))
+    argv = ["--num-steps", "6", "--examples-per-step", "2", "--num-samples", "6", "--max-new-tokens", "12",
+            "--eval-every", "2", "--eval-examples", "2", "--init-lr-frac", "0.2", "--seed", "0",
+            "--sync", "diloco", "--diloco-h", "3"]
+    ckpt = checkpoint_dir("rl", TAG)
+    timings = ("dt", "outer_wait_seconds")
+
+    def finished_run():
+        state, _, _, _ = load_checkpoint(ckpt, 6, "cpu")
+        with open(os.path.join(ckpt, "metrics.jsonl")) as f:
+            return state, [{k: v for k, v in json.loads(line).items() if k not in timings} for line in f]
+
+    chat_rl.main(argv)
+    whole_state, whole = finished_run()
+    shutil.rmtree(ckpt)
+    chat_rl.main(argv + ["--stop-after", "5"])
+    chat_rl.main(argv + ["--resume"])
+    parts_state, parts = finished_run()
+    assert [r["step"] for r in whole if "reward" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in whole if "pass@1" in r] == [0, 2, 4, 6]
+    assert sum(r["informative"] for r in whole if "reward" in r) > 0  # real gradients moved the weights
+    assert parts == whole
+    source, _, _ = load_model(SOURCE, torch.device("cpu"), model_tag=TAG)
+    assert any(not torch.equal(whole_state[k], v) for k, v in source.state_dict().items())
+    assert all(torch.equal(whole_state[k], parts_state[k]) for k in whole_state)
 
 
 def test_gsm8k_run_offline_under_diloco_is_labelled_and_never_scored_on_its_training_half(base_dir):

@@ -72,6 +72,27 @@ def test_softcap_and_loss_reductions():
     torch.testing.assert_close(per_token.sum() / 16, expected)
 
 
+def test_chunked_loss_equals_plain_softcapped_cross_entropy_in_value_and_gradient():
+    """The training loss never materialises all the logits at once; it is still softcapped cross-entropy."""
+    from nanochat.gpt import SOFTCAP, softcapped_cross_entropy
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, requires_grad=True)
+    w = (3 * torch.randn(50, 16)).requires_grad_()
+    targets = torch.randint(0, 50, (37,))
+    targets[5:9] = -1
+    plain = torch.nn.functional.cross_entropy(SOFTCAP * torch.tanh((x @ w.T) / SOFTCAP), targets, ignore_index=-1,
+                                              reduction="none")
+    plain.sum().backward()
+    want = (plain.detach(), x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    chunked = softcapped_cross_entropy(x, w, targets, chunk_rows=8)  # 5 chunks, the last one short
+    chunked.sum().backward()
+    torch.testing.assert_close(chunked.detach(), want[0])
+    torch.testing.assert_close(x.grad, want[1])
+    torch.testing.assert_close(w.grad, want[2])
+    assert torch.all(chunked[5:9] == 0)
+
+
 def test_gqa_equals_mha_with_shared_kv_heads():
     """enable_gqa semantics: query head h reads kv head h // (n_head / n_kv_head)."""
     gqa = randomized(GQA, seed=1)

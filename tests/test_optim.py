@@ -105,12 +105,13 @@ def test_distributed_equals_local(tmp_path):
     assert max_diff(ranks[0], ranks[1]) == 0.0
     # equal to the local optimizer on the global batch up to fp32 summation order. Measured max abs diffs
     # after 5 steps: embedding 9.2e-6 (entries up to 6.2; AdamW at lr 0.2 * (32/768)^-0.5 = 0.98 passes the
-    # ~1e-7 relative gradient noise straight into the step), other weights 1.2e-7, optimizer states 1.3e-9.
+    # ~1e-7 relative gradient noise straight into the step), other weights 1.2e-7, optimizer states 1.3e-9
+    # (1.7e-8 on an AMD EPYC machine, whose fp32 kernels sum in another order).
     wte = "transformer.wte.weight"
     assert max_diff(ranks[0]["model"][wte], local["model"][wte]) < 2e-5
     assert max_diff({k: v for k, v in ranks[0]["model"].items() if k != wte},
                     {k: v for k, v in local["model"].items() if k != wte}) < 1e-6
-    assert max_diff([ranks[0]["adamw"], ranks[0]["muon"]], [local["adamw"], local["muon"]]) < 1e-8
+    assert max_diff([ranks[0]["adamw"], ranks[0]["muon"]], [local["adamw"], local["muon"]]) < 5e-8
     assert max_diff(ranks[0]["model"], build().state_dict()) > 1e-3  # and training did move the weights
 
     # the size-1 groups behaved exactly like a lone process on that rank's half batch

@@ -59,18 +59,25 @@ def test_mid_then_sft_in_both_sync_modes(base_checkpoint, monkeypatch, mid_mode,
     assert len(losses) == 4 and all(0 <= l < 20 for l in losses)
 
 
-def test_mid_resume_reproduces_uninterrupted_run(base_checkpoint, monkeypatch):
-    """DiLoCo midtraining stopped after step 3 and resumed equals the run that never stopped (CPU, bit for bit)."""
+def test_mid_resume_and_mid_round_evals_change_nothing(base_checkpoint, monkeypatch):
+    """DiLoCo midtraining (H = 2) stopped after step 3, in the middle of a round, and resumed equals the run
+    that never stopped (CPU, bit for bit); and its mid-round evals (step 3) and save (step 5) change nothing:
+    a run that evaluates only at the end ends with the same weights, losses and final val bpb."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_checkpoint))
-    common = ["--model-tag", "tiny", "--num-iterations", "6", "--device-batch-size", "4", "--max-seq-len", "128",
-              "--eval-every", "3", "--eval-batches", "2", "--save-every", "3", *SYNC["diloco"]]
-    torchrun("scripts.mid_train", common + ["--output-tag", "whole"])
-    torchrun("scripts.mid_train", common + ["--output-tag", "parts", "--stop-after", "3"])
-    torchrun("scripts.mid_train", common + ["--output-tag", "parts", "--resume"])
+    common = ["--model-tag", "tiny", "--num-iterations", "7", "--device-batch-size", "4", "--max-seq-len", "128",
+              "--eval-batches", "2", *SYNC["diloco"]]
+    schedule = ["--eval-every", "3", "--save-every", "5"]
+    torchrun("scripts.mid_train", common + schedule + ["--output-tag", "whole"])
+    torchrun("scripts.mid_train", common + schedule + ["--output-tag", "parts", "--stop-after", "3"])
+    torchrun("scripts.mid_train", common + schedule + ["--output-tag", "parts", "--resume"])
+    torchrun("scripts.mid_train", common + ["--eval-every", "0", "--output-tag", "quiet"])
+    losses = lambda metrics: [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    bpbs = lambda metrics: [(m["step"], m["val_bpb"]) for m in metrics if "val_bpb" in m]
     whole_model, whole_meta, whole = final("mid", "whole")
-    parts_model, parts_meta, parts = final("mid", "parts")
-    assert [m for m in whole if "loss" in m] == [m for m in parts if "loss" in m]
-    assert len([m for m in whole if "loss" in m]) == 6
-    assert [m["val_bpb"] for m in whole if "val_bpb" in m] == [m["val_bpb"] for m in parts if "val_bpb" in m]
-    assert all(torch.equal(whole_model[k], parts_model[k]) for k in whole_model)
-    assert whole_meta["outer_bytes"] == parts_meta["outer_bytes"] > 0
+    assert [s for s, _ in losses(whole)] == list(range(1, 8)) and [s for s, _ in bpbs(whole)] == [0, 3, 6, 7]
+    for tag in ("parts", "quiet"):
+        model, meta, metrics = final("mid", tag)
+        assert losses(metrics) == losses(whole), tag
+        assert bpbs(metrics) == (bpbs(whole) if tag == "parts" else bpbs(whole)[-1:]), tag
+        assert all(torch.equal(whole_model[k], model[k]) for k in whole_model), tag
+        assert meta["outer_bytes"] == whole_meta["outer_bytes"] > 0, tag

@@ -1,0 +1,388 @@
+"""Codecs for the outer exchange: how a worker's pseudo-gradient travels and is averaged across workers.
+
+One table (CODECS) feeds argparse, the byte accounting and the bench. Every codec takes this worker's fp32
+pseudo-gradient for some tensor pieces, packed flat, and returns the across-worker mean as decoded,
+identical on every rank. Lossy codecs keep what they did not send (error feedback) and add it to the next
+round, so over rounds what is transmitted sums to the truth.
+
+  none   fp32 ring all-reduce: plain DiLoCo, bit-identical to a bare all_reduce_mean.
+  bf16, int8, int4
+         reduce-scatter + all-gather of quantised data. The flat vector is cut into K shards; an
+            all_to_all sends shard j of every rank to rank j, which dequantises its K pieces, averages
+            them in fp32, re-quantises and all-gathers the result. Error feedback on both stages: the
+            sender keeps its rounding residual, the shard owner the residual of the re-quantised mean.
+            int8/int4: symmetric, one fp32 absmax scale per QUANT_CHUNK elements of a shard; int4 packs two
+            values per byte. So each rank sends 2(K-1)/K x the payload, as an fp32 ring all-reduce does,
+            not the (K-1) x of an all-gather of everything (low-precision sums in a ring would overflow or
+            compound rounding, hence dequantise-average-requantise at the owner).
+  topk   per piece, the k = ceil(f n_i) entries of largest |pseudo-gradient + error|: int8 values with one
+            fp32 scale per piece, piece-local indices in the fewest whole bytes that hold n_i - 1. Sparse
+            payloads with different supports cannot be summed in a ring, so they are all-gathered and
+            averaged in fp32 by every rank.
+  dct    after "Distributed Low-Communication Training with Decoupled Momentum Optimization" (arXiv
+            2510.03371, read from its abstract) and DeMo: the outer Nesterov momentum is decomposed by a
+            DCT and only its fast-moving part is synchronised. As implemented here: each worker keeps its
+            own momentum m (in DCT coefficients), m = momentum * m + DCT(delta); per chunk of
+            --outer-dct-chunk elements of a piece (orthonormal DCT-II as a matmul, so it runs on GPU) the
+            ceil(f c) coefficients of largest magnitude are sent (int8, one fp32 scale per piece; uint8
+            index within the chunk) and subtracted from m, which keeps the rest. "High-frequency" is read
+            as DeMo's fast components: largest magnitude, not a fixed band. The result is the inverse DCT
+            of the mean sent coefficients (= the mean of the inverse DCTs, by linearity), all-gathered.
+            The codec owns the momentum: the outer SGD must then run with momentum 0. With fraction 1 and
+            no quantisation nothing is left in m after a round, so this is outer SGD without momentum on
+            the mean pseudo-gradient; the momentum lives only in what is not sent. A piece whose size is
+            not a multiple of the chunk is zero-padded: the part of a sent coefficient that falls on the
+            padding is dropped on decode.
+
+Bytes this rank sends per exchange (what comm records), for P fp32 parameters in n pieces of n_i elements
+at K workers; S = ceil(P / K) is the shard length (int4: rounded up to even), C = QUANT_CHUNK:
+
+  none   2 (K-1) 4P // K
+  bf16   2 (K-1) 2S
+  int8   2 (K-1) (S + 4 ceil(S / C))
+  int4   2 (K-1) (S/2 + 4 ceil(S / C))
+  topk   (K-1) sum_i (4 + k_i (1 + w_i))       k_i = max(1, ceil(f n_i)), w_i = bytes to hold n_i - 1
+  dct    (K-1) (4n + 2 kc sum_i ceil(n_i / c))  kc = max(1, ceil(f c)), c = --outer-dct-chunk
+
+K shards of B bytes make the quantised payload K B, so those send 2 (K-1)/K x payload. At K = 1 nothing
+is sent, but quantisation and error feedback still apply.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from nanochat import comm
+
+QUANT_CHUNK = 256  # elements per fp32 scale for int8/int4: 1.6% overhead at int8, finer than per tensor
+
+
+def _as_dtype(b, dtype):
+    """Reinterpret rows of uint8 bytes as `dtype` (rows, m / itemsize), from a fresh aligned copy."""
+    return b.reshape(-1).clone().view(dtype).view(b.shape[0], -1)
+
+
+def _to_bytes(t):
+    """Rows of any dtype as rows of uint8."""
+    return t.reshape(t.shape[0], -1).contiguous().view(torch.uint8)
+
+
+def _fraction_count(fraction, n):
+    """ceil(fraction * n), at least 1; rounded first so that e.g. 0.07 * 100 counts 7, not 8."""
+    return max(1, math.ceil(round(fraction * n, 6)))
+
+
+def _int8_quantise(vals, scale_per_value):
+    return torch.round(vals / torch.where(scale_per_value > 0, scale_per_value, 1.0)).clamp_(-127, 127).to(torch.int8)
+
+
+class Codec:
+    """What every codec shares. Each one also has
+      exchange(flat, group) -> the across-worker fp32 mean of `flat` as decoded, identical on every rank of
+          the group (None or one rank: K = 1). Blocking; touches only this codec's state and comm, so it
+          may run on a background thread.
+      wire_bytes(k) -> the exact bytes this rank sends per exchange with k workers (what comm records).
+    """
+
+    name = ""
+    summary = ""
+    transport = ""  # "all_reduce" | "reduce_scatter+all_gather" | "all_gather"
+    owns_momentum = False  # True: the codec keeps the outer momentum, the outer SGD must have none
+    buffers = ()  # names of the error-feedback tensors, saved by state_dict
+
+    def __init__(self, sizes, device):
+        self.sizes = [int(n) for n in sizes]  # numel of each tensor piece packed in the flat vector, in order
+        self.numel = sum(self.sizes)
+        self.device = torch.device(device)
+        for b in self.buffers:
+            setattr(self, b, None)  # created at the first exchange
+
+    def _check(self, flat):
+        if flat.dim() != 1 or flat.numel() != self.numel or flat.dtype != torch.float32:
+            raise ValueError(f"{self.name} codec was built for a flat fp32 vector of {self.numel} elements, "
+                             f"got {tuple(flat.shape)} {flat.dtype}")
+
+    def state_dict(self):
+        state = {"codec": self.name}
+        for b in self.buffers:
+            t = getattr(self, b)
+            state[b] = None if t is None else t.to("cpu", copy=True)
+        return state
+
+    def load_state_dict(self, state):
+        saved = state.get("codec", state.get("kind"))  # "kind": checkpoints of the former diloco/compress.py
+        if saved != self.name:
+            raise ValueError(f"checkpoint's outer codec is {saved!r}, this run's is {self.name!r}: "
+                             f"resume with --outer-compression {saved}")
+        for b in self.buffers:
+            t = state.get(b)
+            setattr(self, b, None if t is None else t.to(self.device, copy=True))
+
+
+class NoneCodec(Codec):
+    name = "none"
+    summary = "fp32 all-reduce (plain DiLoCo)"
+    transport = "all_reduce"
+
+    def exchange(self, flat, group):
+        return comm.all_reduce_mean(flat, group)
+
+    def wire_bytes(self, k):
+        return 2 * (k - 1) * 4 * self.numel // k
+
+
+class QuantCodec(Codec):
+    """bf16/int8/int4 through reduce-scatter (all_to_all) + all-gather, error feedback on both stages."""
+
+    transport = "reduce_scatter+all_gather"
+    bits = 0
+    buffers = ("error", "shard_error")  # the sender's residual (P), the shard owner's residual (shard length)
+
+    def shard_len(self, k):
+        s = -(-self.numel // k)
+        return s + s % 2 if self.bits == 4 else s  # int4: whole bytes per shard
+
+    def shard_bytes(self, k):
+        s = self.shard_len(k)
+        if self.bits == 16:
+            return 2 * s
+        return s * self.bits // 8 + 4 * -(-s // QUANT_CHUNK)
+
+    def wire_bytes(self, k):
+        # all_to_all of K shards of B bytes: (K-1) B; all-gather of one shard: (K-1) B
+        return 2 * (k - 1) * self.shard_bytes(k)
+
+    def _encode(self, x):
+        """(rows, s) fp32 -> (rows, shard bytes) uint8: the quantised values, then (int8/int4) the scales."""
+        if self.bits == 16:
+            return _to_bytes(x.to(torch.bfloat16))
+        rows, s = x.shape
+        qmax = 2 ** (self.bits - 1) - 1  # symmetric: 127 or 7
+        nch = -(-s // QUANT_CHUNK)
+        chunks = F.pad(x, (0, nch * QUANT_CHUNK - s)).view(rows, nch, QUANT_CHUNK)
+        scale = chunks.abs().amax(-1, keepdim=True) / qmax
+        q = torch.round(chunks / torch.where(scale > 0, scale, 1.0)).clamp_(-qmax, qmax).view(rows, -1)[:, :s]
+        if self.bits == 8:
+            qbytes = _to_bytes(q.to(torch.int8))
+        else:
+            u = (q + 8).to(torch.uint8)  # 1..15
+            qbytes = u[:, 0::2] | (u[:, 1::2] << 4)
+        return torch.cat([qbytes, _to_bytes(scale.reshape(rows, nch))], 1)
+
+    def _decode(self, b, s):
+        """Inverse of _encode: (rows, shard bytes) uint8 -> (rows, s) fp32."""
+        if self.bits == 16:
+            return _as_dtype(b, torch.bfloat16).float()
+        rows = b.shape[0]
+        nq = s * self.bits // 8
+        scale = _as_dtype(b[:, nq:], torch.float32)  # (rows, chunks)
+        if self.bits == 8:
+            q = _as_dtype(b[:, :nq], torch.int8).float()
+        else:
+            qb = b[:, :nq]
+            q = torch.stack([qb & 15, qb >> 4], -1).reshape(rows, s).float() - 8
+        nch = scale.shape[1]
+        x = F.pad(q, (0, nch * QUANT_CHUNK - s)).view(rows, nch, QUANT_CHUNK) * scale[..., None]
+        return x.view(rows, -1)[:, :s]
+
+    def exchange(self, flat, group):
+        self._check(flat)
+        k = comm.group_size(group)
+        s = self.shard_len(k)
+        if self.error is None:
+            self.error = torch.zeros_like(flat)
+        if self.shard_error is None:
+            self.shard_error = flat.new_zeros(s)
+        if self.shard_error.numel() != s:
+            raise ValueError(f"{self.name} codec state holds a shard of {self.shard_error.numel()} elements, this "
+                             f"group of {k} workers needs {s}: resume with the number of workers it was saved with")
+        x = F.pad(flat + self.error, (0, k * s - self.numel)).view(k, s)
+        sent = self._encode(x)  # row j: this rank's contribution to the shard rank j owns
+        self.error = x.sub_(self._decode(sent, s)).view(-1)[:self.numel].clone()
+        received = torch.empty_like(sent)  # row i: rank i's contribution to the shard this rank owns
+        comm.all_to_all_single(received, sent, group)
+        y = self._decode(received, s).mean(0) + self.shard_error
+        mine = self._encode(y[None])
+        self.shard_error = y - self._decode(mine, s)[0]
+        gathered = mine.new_empty(k, mine.shape[1])
+        comm.all_gather_into_tensor(gathered, mine, group)
+        return self._decode(gathered, s).reshape(-1)[:self.numel]
+
+
+class BF16Codec(QuantCodec):
+    name = "bf16"
+    summary = "bf16 reduce-scatter + all-gather, error feedback"
+    bits = 16
+
+
+class Int8Codec(QuantCodec):
+    name = "int8"
+    summary = f"int8 (one fp32 scale per {QUANT_CHUNK}) reduce-scatter + all-gather, error feedback"
+    bits = 8
+
+
+class Int4Codec(QuantCodec):
+    name = "int4"
+    summary = f"int4 (two per byte, one fp32 scale per {QUANT_CHUNK}) reduce-scatter + all-gather, error feedback"
+    bits = 4
+
+
+class TopKCodec(Codec):
+    name = "topk"
+    summary = "per tensor, the --outer-topk-fraction largest entries (int8 + indices), all-gathered, error feedback"
+    transport = "all_gather"
+    buffers = ("error",)
+
+    def __init__(self, sizes, device, fraction):
+        super().__init__(sizes, device)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"--outer-topk-fraction must be in (0, 1], got {fraction}")
+        self.ks = [_fraction_count(fraction, n) for n in self.sizes]
+        widths = [max(1, -(-(n - 1).bit_length() // 8)) for n in self.sizes]  # bytes of a piece-local index
+        self.payload_bytes = sum(4 + kk * (1 + w) for kk, w in zip(self.ks, widths))
+        # payload: n fp32 scales | one int8 per sent value | each value's index, w_i bytes little-endian
+        ks = torch.tensor(self.ks, dtype=torch.long)
+        piece = torch.repeat_interleave(torch.arange(len(self.sizes)), ks)
+        offsets = torch.tensor([0] + self.sizes, dtype=torch.long).cumsum(0)[:-1]
+        value_width = torch.tensor(widths, dtype=torch.long)[piece]
+        byte_value = torch.repeat_interleave(torch.arange(len(piece)), value_width)
+        first_byte = value_width.cumsum(0) - value_width
+        self.value_piece = piece.to(self.device)
+        self.value_offset = offsets[piece].to(self.device)
+        self.byte_value = byte_value.to(self.device)
+        self.byte_shift = (8 * (torch.arange(len(byte_value)) - first_byte[byte_value])).to(self.device)
+
+    def wire_bytes(self, k):
+        return (k - 1) * self.payload_bytes
+
+    def _decode(self, p):
+        """(rows, payload) uint8 -> dequantised values and their flat indices, both (rows, sum k_i)."""
+        n, total = len(self.sizes), len(self.value_piece)
+        scale = _as_dtype(p[:, :4 * n], torch.float32)
+        vals = _as_dtype(p[:, 4 * n:4 * n + total], torch.int8).float() * scale[:, self.value_piece]
+        idx = torch.zeros(p.shape[0], total, dtype=torch.long, device=p.device)
+        idx.index_add_(1, self.byte_value, p[:, 4 * n + total:].long() << self.byte_shift)
+        return vals, idx + self.value_offset
+
+    def exchange(self, flat, group):
+        self._check(flat)
+        x = flat + self.error if self.error is not None else flat.clone()
+        local = torch.cat([piece.abs().topk(kk, sorted=False).indices for piece, kk in zip(x.split(self.sizes), self.ks)])
+        vals = x[local + self.value_offset]
+        absmax = x.new_zeros(len(self.sizes)).scatter_reduce_(0, self.value_piece, vals.abs(), "amax")
+        scale = absmax / 127
+        q = _int8_quantise(vals, scale[self.value_piece])
+        index_bytes = ((local[self.byte_value] >> self.byte_shift) & 255).to(torch.uint8)
+        payload = torch.cat([_to_bytes(scale[None])[0], _to_bytes(q[None])[0], index_bytes])
+        sent, where = self._decode(payload[None])
+        x[where[0]] -= sent[0]  # what was not sent (or lost to rounding) waits for the next round
+        self.error = x
+        k = comm.group_size(group)
+        gathered = payload.new_empty(k, self.payload_bytes)
+        comm.all_gather_into_tensor(gathered, payload, group)
+        vals, where = self._decode(gathered)
+        total = torch.zeros_like(flat)
+        for r in range(k):  # rank by rank, unique indices per call: the same sum on every rank, GPU included
+            total.index_add_(0, where[r], vals[r])
+        return total.div_(k)
+
+
+class DCTCodec(Codec):
+    name = "dct"
+    summary = ("DeMo-style: per-worker outer momentum, chunked DCT, the --outer-dct-fraction largest coefficients "
+               "per chunk sent (int8 + uint8 index), all-gathered; owns the outer momentum")
+    transport = "all_gather"
+    owns_momentum = True
+    buffers = ("momentum",)  # this worker's momentum minus what it sent, as (chunks, c) DCT coefficients
+
+    def __init__(self, sizes, device, fraction, chunk, momentum):
+        super().__init__(sizes, device)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"--outer-dct-fraction must be in (0, 1], got {fraction}")
+        if not 1 <= chunk <= 256:
+            raise ValueError(f"--outer-dct-chunk must be in 1..256 (indices travel as one byte), got {chunk}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"--outer-momentum must be in [0, 1) for the dct codec, got {momentum}")
+        self.chunk, self.beta = chunk, momentum
+        self.kc = _fraction_count(fraction, chunk)
+        sizes = torch.tensor(self.sizes, dtype=torch.long)
+        per_piece = (sizes + chunk - 1) // chunk
+        self.nchunks = int(per_piece.sum())
+        self.payload_bytes = 4 * len(self.sizes) + 2 * self.kc * self.nchunks
+        # every piece starts a fresh zero-padded chunk: (flat offset, chunked offset, numel) of each piece
+        first_elem, first_chunk = sizes.cumsum(0) - sizes, per_piece.cumsum(0) - per_piece
+        self.spans = [(int(a), int(b) * chunk, n) for a, b, n in zip(first_elem, first_chunk, self.sizes)]
+        self.chunk_piece = torch.repeat_interleave(torch.arange(len(self.sizes)), per_piece).to(self.device)
+        # orthonormal DCT-II: coefficients = x @ basis.T, x = coefficients @ basis
+        j = torch.arange(chunk, dtype=torch.float64)
+        basis = torch.cos(math.pi * (j[None, :] + 0.5) * j[:, None] / chunk) * math.sqrt(2 / chunk)
+        basis[0] /= math.sqrt(2)
+        self.basis = basis.float().to(self.device)
+
+    def wire_bytes(self, k):
+        return (k - 1) * self.payload_bytes
+
+    def _decode(self, p):
+        """(rows, payload) uint8 -> dequantised coefficients and their in-chunk indices, (rows, chunks, kc)."""
+        n, total = len(self.sizes), self.nchunks * self.kc
+        scale = _as_dtype(p[:, :4 * n], torch.float32)
+        q = _as_dtype(p[:, 4 * n:4 * n + total], torch.int8).float().view(-1, self.nchunks, self.kc)
+        idx = p[:, 4 * n + total:].long().view(-1, self.nchunks, self.kc)
+        return q * scale[:, self.chunk_piece, None], idx
+
+    def exchange(self, flat, group):
+        self._check(flat)
+        padded = flat.new_zeros(self.nchunks * self.chunk)
+        for a, b, n in self.spans:
+            padded[b:b + n] = flat[a:a + n]
+        m = padded.view(self.nchunks, self.chunk) @ self.basis.T
+        if self.momentum is not None:
+            m.add_(self.momentum, alpha=self.beta)
+        sel = m.abs().topk(self.kc, dim=1, sorted=False).indices
+        vals = m.gather(1, sel)
+        absmax = flat.new_zeros(len(self.sizes)).scatter_reduce_(0, self.chunk_piece, vals.abs().amax(1), "amax")
+        scale = absmax / 127
+        q = _int8_quantise(vals, scale[self.chunk_piece, None])
+        payload = torch.cat([_to_bytes(scale[None])[0], _to_bytes(q.view(1, -1))[0], sel.to(torch.uint8).view(-1)])
+        sent, where = self._decode(payload[None])
+        self.momentum = m.sub_(torch.zeros_like(m).scatter_(1, where[0], sent[0]))  # the slow part stays here
+        k = comm.group_size(group)
+        gathered = payload.new_empty(k, self.payload_bytes)
+        comm.all_gather_into_tensor(gathered, payload, group)
+        vals, where = self._decode(gathered)
+        coeffs = torch.zeros_like(m)
+        for r in range(k):  # rank by rank: the same sum on every rank
+            coeffs += torch.zeros_like(m).scatter_(1, where[r], vals[r])
+        mean = (coeffs.div_(k) @ self.basis).view(-1)
+        return torch.cat([mean[b:b + n] for _, b, n in self.spans])
+
+
+CODECS = {c.name: c for c in (NoneCodec, BF16Codec, Int8Codec, Int4Codec, TopKCodec, DCTCodec)}
+
+
+def add_codec_args(group):
+    """The codec flags, on an argparse parser or argument group (returned)."""
+    table = "; ".join(f"{name}: {c.summary}" for name, c in CODECS.items())
+    group.add_argument("--outer-compression", choices=list(CODECS), default="none",
+                       help=f"codec of the outer exchange across workers. {table}")
+    group.add_argument("--outer-topk-fraction", type=float, default=0.02,
+                       help="topk: fraction of each tensor's entries sent per outer sync")
+    group.add_argument("--outer-dct-fraction", type=float, default=1 / 32,
+                       help="dct: fraction of the DCT coefficients of each chunk sent per outer sync")
+    group.add_argument("--outer-dct-chunk", type=int, default=64,
+                       help="dct: elements per DCT chunk (at most 256)")
+    return group
+
+
+def make_codec(args, sizes, device, momentum=0.0):
+    """The codec named by args.outer_compression for flat vectors of pieces of `sizes` elements. `momentum`
+    is the outer momentum, used only by codecs that own it (dct)."""
+    name = args.outer_compression
+    if name not in CODECS:
+        raise ValueError(f"unknown --outer-compression {name!r}, expected one of {', '.join(CODECS)}")
+    if name == "topk":
+        return TopKCodec(sizes, device, args.outer_topk_fraction)
+    if name == "dct":
+        return DCTCodec(sizes, device, args.outer_dct_fraction, args.outer_dct_chunk, momentum)
+    return CODECS[name](sizes, device)

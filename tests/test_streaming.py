@@ -1,0 +1,221 @@
+"""Streaming DiLoCo and exact resume inside the sync object: plain DiLoCo is unchanged bit for bit, fragments
+with overlap follow an independent single-process reference of the rule, evaluation through global_view
+changes nothing, a state saved with exchanges in flight resumes exactly, and overlap hides a slow link."""
+
+import argparse
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from diloco import add_sync_args, make_sync, make_worker_groups
+from diloco.fragments import split_into_fragments
+from nanochat import comm
+from tests.dist_utils import run_distributed
+from tests.test_diloco import GroupSGD, flat_params, toy_batch, toy_model
+
+
+def sync_args(*argv):
+    return add_sync_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def inner_step(model, sync, rank, step):
+    x, y = toy_batch(rank, step)
+    nn.functional.mse_loss(model(x), y).backward()
+    sync.step()
+
+
+def build(argv):
+    model = toy_model()
+    args = sync_args(*argv)
+    groups = make_worker_groups(args)
+    optimizer = GroupSGD(model.parameters(), 0.1, groups.inner)
+    return model, optimizer, make_sync(args, model, [optimizer], groups)
+
+
+def test_fragments_are_contiguous_balanced_runs_of_rows():
+    params = list(toy_model().parameters())  # 16x8, 16, 4x16, 4: 212 numbers
+    one = split_into_fragments(params, 1)
+    assert len(one) == 1 and all(a is not b and a.data_ptr() == b.data_ptr() for a, b in zip(one[0], params))
+    two = split_into_fragments(params, 2)  # the cut at 106 falls in row 13.25 of the first matrix -> row 13
+    assert [sum(p.numel() for p in frag) for frag in two] == [104, 108]
+    assert two[0][0].data_ptr() == params[0].data_ptr() and two[1][0].data_ptr() == params[0][13].data_ptr()
+    four = split_into_fragments(params, 4)
+    assert sum(p.numel() for frag in four for p in frag) == 212
+    assert max(sum(p.numel() for p in frag) for frag in four) <= 64
+    with pytest.raises(ValueError, match="--diloco-fragments"):
+        split_into_fragments([torch.zeros(3)], 4)
+
+
+def test_flags_out_of_range_are_refused_with_the_flag_named():
+    for argv, flag in ((["--diloco-h", "4", "--diloco-fragments", "5"], "--diloco-fragments"),
+                       (["--diloco-h", "4", "--diloco-fragments", "2", "--diloco-overlap", "2"], "--diloco-overlap"),
+                       (["--fragment-alpha", "1.5"], "--fragment-alpha"), (["--diloco-h", "0"], "--diloco-h")):
+        with pytest.raises(ValueError, match=flag):
+            build(["--sync", "diloco", *argv])
+
+
+# --- an independent reference of the streaming rule, K workers simulated in one process ------------------
+
+def streaming_reference(k, steps, h, frag_bounds, tau, alpha, lr_out, mu, lr_in=0.1):
+    """Flat-vector Streaming DiLoCo with SGD inner steps and Nesterov outer steps; returns each worker's
+    flat weights after every step. frag_bounds: (start, end) of each fragment in the flat vector."""
+    models = [toy_model() for _ in range(k)]
+    flat = lambda m: torch.nn.utils.parameters_to_vector(m.parameters()).detach().clone()
+    theta = flat(models[0])
+    buf = torch.zeros_like(theta)
+    F = len(frag_bounds)
+    apply_at = [round((f + 1) * h / F) % h for f in range(F)]
+    in_flight = {}
+    history = []
+    for step in range(steps):
+        for rank, m in enumerate(models):
+            m.zero_grad()
+            x, y = toy_batch(rank, step)
+            nn.functional.mse_loss(m(x), y).backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= lr_in * p.grad
+        n = step + 1
+        weights = [flat(m) for m in models]
+        for f, (a, b) in enumerate(frag_bounds):
+            if n % h == apply_at[f]:
+                mean = in_flight.pop(f) if tau else sum(theta[a:b] - w[a:b] for w in weights) / k
+                buf[a:b] = mu * buf[a:b] + mean
+                theta[a:b] = theta[a:b] - lr_out * (mean + mu * buf[a:b])
+                for w in weights:
+                    w[a:b] = alpha * w[a:b] + (1 - alpha) * theta[a:b]
+            if tau and n % h == (apply_at[f] - tau) % h:
+                in_flight[f] = sum(theta[a:b] - w[a:b] for w in weights) / k
+        for m, w in zip(models, weights):
+            torch.nn.utils.vector_to_parameters(w.clone(), m.parameters())  # the parameters become views of it
+        history.append(weights)
+    return history
+
+
+STREAMING_CASES = [(2, 1, 0.0), (2, 0, 0.5), (4, 1, 0.25)]  # (fragments, overlap, alpha)
+
+
+def _streaming(rank, world_size, h, steps):
+    results = []
+    for fragments, tau, alpha in STREAMING_CASES:  # one set of processes for every case: spawning is slow
+        model, _, sync = build(["--sync", "diloco", "--diloco-h", str(h), "--diloco-fragments", str(fragments),
+                                "--diloco-overlap", str(tau), "--fragment-alpha", str(alpha), "--outer-lr", "0.7",
+                                "--outer-momentum", "0.9"])
+        history = []
+        for step in range(steps):
+            inner_step(model, sync, rank, step)
+            history.append(flat_params(model))
+        results.append(history)
+    return results
+
+
+def test_streaming_equals_an_independent_reference(tmp_path):
+    h, steps = 8, 19
+    got = run_distributed(_streaming, 2, tmp_path, h, steps)
+    for case, (fragments, tau, alpha) in enumerate(STREAMING_CASES):
+        sizes = [sum(p.numel() for p in frag) for frag in split_into_fragments(list(toy_model().parameters()), fragments)]
+        bounds = [(sum(sizes[:f]), sum(sizes[:f + 1])) for f in range(fragments)]
+        ref = streaming_reference(2, steps, h, bounds, tau, alpha, 0.7, 0.9)
+        for step in range(steps):
+            for rank in range(2):
+                assert (got[rank][case][step] - ref[step][rank]).abs().max().item() < 1e-6, (fragments, tau, alpha, step)
+        assert not torch.equal(got[0][case][-1], got[1][case][-1])  # workers drift between fragment syncs
+
+
+# --- exact resume and side-effect-free evaluation ---------------------------------------------------------
+
+STREAM = ["--sync", "diloco", "--diloco-h", "4", "--diloco-fragments", "2", "--diloco-overlap", "1",
+          "--fragment-alpha", "0.5"]
+
+
+def _resume(rank, world_size):
+    return [_resume_case(rank, argv, stop) for argv, stop in RESUME_CASES]
+
+
+def _resume_case(rank, argv, stop):
+    model, opt, sync = build(argv)
+    straight = []
+    for step in range(10):
+        inner_step(model, sync, rank, step)
+        if step == 2:
+            with sync.global_view():  # an evaluation mid-round
+                seen = flat_params(model)
+        straight.append(flat_params(model))
+    sync.synchronize()
+    straight_final = flat_params(model)
+
+    model, opt, sync = build(argv)
+    for step in range(stop):
+        inner_step(model, sync, rank, step)
+    with sync.global_view():
+        saved_model = {k: v.clone() for k, v in model.state_dict().items()}  # what a checkpoint's model.pt holds
+        saved_sync = sync.state_dict()  # taken inside the view: still the worker's own weights
+    saved_opt = opt.state_dict()
+    in_flight = len(saved_sync["pending"])
+    model, opt, sync = build(argv)  # a new process, as after a preemption
+    model.load_state_dict(saved_model)
+    opt.load_state_dict(saved_opt)
+    sync.load_state_dict(saved_sync)
+    resumed = []
+    for step in range(stop, 10):
+        inner_step(model, sync, rank, step)
+        resumed.append(flat_params(model))
+    sync.synchronize()
+    return straight, straight_final, resumed, flat_params(model), in_flight, seen
+
+
+RESUME_CASES = [(["--sync", "diloco", "--diloco-h", "5"], 7), (STREAM, 5)]
+
+
+def test_resume_at_any_step_is_exact_with_exchanges_in_flight(tmp_path):
+    for rank_results in run_distributed(_resume, 2, tmp_path):
+        for (argv, stop), result in zip(RESUME_CASES, rank_results):
+            straight, straight_final, resumed, resumed_final, in_flight, seen = result
+            assert len(resumed) == 10 - stop and all(torch.equal(a, b) for a, b in zip(straight[stop:], resumed))
+            assert torch.equal(straight_final, resumed_final)
+            assert in_flight == (1 if argv is STREAM else 0)  # step 5: fragment 0 launched, applied at step 6
+            assert not torch.equal(seen, straight[2])  # the view showed theta_global, not the drifted worker
+
+
+def _eval_changes_nothing(rank, world_size):
+    results = []
+    for evaluate_every in (0, 3):
+        model, _, sync = build(["--sync", "diloco", "--diloco-h", "5", "--diloco-workers", "2"])
+        for step in range(12):
+            inner_step(model, sync, rank, step)
+            if evaluate_every and step % evaluate_every == 0:
+                with sync.global_view():
+                    model(torch.randn(2, 8)).sum().item()
+        sync.synchronize()
+        results.append((flat_params(model), sync.num_syncs))
+    return results
+
+
+def test_global_view_leaves_training_unchanged_on_two_workers_of_two_ranks(tmp_path):
+    results = run_distributed(_eval_changes_nothing, 4, tmp_path)
+    for (quiet, syncs_quiet), (watched, syncs_watched) in results:
+        assert torch.equal(quiet, watched) and syncs_quiet == syncs_watched == 3  # at 5, 10 and the final one at 12
+    assert all(torch.equal(results[0][0][0], r[0][0]) for r in results)  # one theta_global everywhere at the end
+
+
+# --- overlap hides a slow link -----------------------------------------------------------------------------
+
+def _slow_link(rank, world_size):
+    waits = []
+    for tau in (0, 3):
+        model, _, sync = build(["--sync", "diloco", "--diloco-h", "4", "--diloco-overlap", str(tau), "--comm-delay-ms", "150"])
+        for step in range(8):
+            inner_step(model, sync, rank, step)
+            time.sleep(0.1)  # stands in for the compute of an inner step
+        waits.append(sync.wait_seconds)  # before the end-of-training sync, which blocks in both cases
+        sync.synchronize()
+    comm.set_comm_delay("outer", 0)
+    return waits
+
+
+def test_overlap_hides_a_slow_link_that_blocking_sync_pays(tmp_path):
+    for wait_blocking, wait_overlap in run_distributed(_slow_link, 2, tmp_path):
+        assert wait_blocking >= 2 * 0.15  # two syncs, each pays the delay
+        assert wait_overlap < 0.5 * wait_blocking  # 300 ms of inner steps cover each 150 ms exchange
