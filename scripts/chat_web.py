@@ -3,6 +3,7 @@ Serve a chat model over HTTP: a single-page chat UI, a streaming SSE endpoint an
 
     python -m scripts.chat_web -i sft                    # http://127.0.0.1:8000
     python -m scripts.chat_web -i sft --num-gpus 8       # one model replica per GPU
+    NANOCHAT_API_KEY=... python -m scripts.chat_web -i sft --host 0.0.0.0 --allowed-hosts chat.example.org
 
 Endpoints:
     GET  /                     chat UI (no external assets: works offline)
@@ -12,26 +13,45 @@ Endpoints:
     GET  /v1/models, /health, /stats
 
 Each request borrows one free worker (a model replica) from an asyncio queue and generates in a thread, so
-the event loop keeps serving while tokens are produced. Requests outside the limits below get a 4xx JSON
-error in OpenAI's format ({"error": {"message", "type", "param", "code"}}).
+the event loop keeps serving while tokens are produced. A tool call in a reply shows as its result (the
+calculator's answer), never as control tokens, and only sampled tokens count as completion tokens.
+
+Hostile clients: every request is checked before the app reads it (Host header against the bind address
+and --allowed-hosts, which defeats DNS rebinding; `Authorization: Bearer` with --api-key on every route but
+/health; POSTs must be application/json, and a Content-Length over the limit is refused unread), bodies are
+read up to the limit and within a deadline, each connection has a deadline for its request head, open
+connections are capped (at the cap the one idle longest is closed to make room), the queue for workers is
+bounded (503 with Retry-After beyond it), and a client that goes away stops its generation. Errors are 4xx
+JSON in OpenAI's format ({"error": {"message", "type", "param", "code"}}); a 500 says only "internal error".
+Repeated events (connections refused or timed out, uploads abandoned) are logged once, then counted.
 """
 
 import argparse
 import asyncio
+import errno
+import hmac
+import ipaddress
 import json
+import logging
 import os
 import random
+import resource
+import socket
 import sys
 import threading
 import time
 import uuid
 from collections import deque
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 
+import h11
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.engine import Engine, StreamDecoder
 
@@ -43,19 +63,66 @@ TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_K_RANGE = (1, 200)
 MAX_TOKENS_RANGE = (1, 4096)
 N_RANGE = (1, 8)
+MAX_QUEUE = 64  # requests waiting for a worker; more get 503
+RETRY_AFTER_S = 1
+MAX_CONNECTIONS = 256
+HEADER_TIMEOUT_S = 10.0  # from connect (or the last response) to a complete request head
+BODY_TIMEOUT_S = 30.0  # to receive a whole request body
+KEEP_ALIVE_S = 5  # idle time between requests on one connection
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
+log = logging.getLogger("nanochat.web")
 
 
 class ApiError(Exception):
-    def __init__(self, status, message, param=None):
+    def __init__(self, status, message, param=None, headers=None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
-def error_response(status, message, param=None):
+class ClientGone(Exception):
+    """The client disconnected before its request was read: there is no one to answer."""
+
+
+def error_body(status, message, param=None):
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def error_response(status, message, param=None, headers=None):
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+class Throttled:
+    """Logs an event's first occurrence, then at most one line per interval saying how many more there were."""
+
+    def __init__(self, interval=60.0):
+        self.interval, self.state = interval, {}
+
+    def __call__(self, key, message):
+        now = time.monotonic()
+        last, count = self.state.get(key, (None, 0))
+        if last is None or now - last >= self.interval:
+            log.warning(message + (f" (and {count} more like it since the last report)" if count else ""))
+            self.state[key] = (now, 0)
+        else:
+            self.state[key] = (last, count + 1)
+
+
+events = Throttled()
+
+
+class ThrottleRepeats(logging.Filter):
+    """For uvicorn's logger, which warns once per occurrence (e.g. "Invalid HTTP request received."): each
+    message goes through `events` instead. Records with a traceback (bugs) pass untouched."""
+
+    def filter(self, record):
+        if record.exc_info:
+            return True
+        message = record.getMessage()
+        events(message, f"uvicorn: {message}")
+        return False
 
 
 @dataclass
@@ -68,17 +135,36 @@ class Worker:
 
 
 class WorkerPool:
-    """Free workers wait in an asyncio queue; a request takes one and gives it back when generation ends."""
+    """Free workers wait in an asyncio queue; a request takes one and gives it back when generation ends.
+    Requests are admitted only while fewer than len(workers) + max_queue are in progress."""
 
-    def __init__(self, workers):
-        self.workers = workers
+    def __init__(self, workers, max_queue=MAX_QUEUE):
+        self.workers, self.max_queue = workers, max_queue
         self.queue = None
-        self.waiting = 0
+        self.waiting = 0  # admitted requests waiting for a worker
+        self.pending = 0  # admitted requests not finished
+        self.refused = 0
 
     def start(self):
         self.queue = asyncio.Queue()  # made inside the running loop
         for w in self.workers:
             self.queue.put_nowait(w)
+
+    def admit(self):
+        """A place for one request, or a 503; returns the function that gives the place back (idempotent)."""
+        if self.pending >= len(self.workers) + self.max_queue:
+            self.refused += 1
+            events("busy", f"queue full ({self.max_queue} waiting): requests refused with 503")
+            raise ApiError(503, f"server busy: {self.max_queue} requests are already waiting; retry later",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.pending += 1
+        released = []
+
+        def release():
+            if not released:
+                released.append(True)
+                self.pending -= 1
+        return release
 
     async def acquire(self):
         self.waiting += 1
@@ -94,8 +180,60 @@ class WorkerPool:
         self.queue.put_nowait(worker)
 
 
+class ReplyRenderer:
+    """A reply's tokens as the text a user sees. A python tool call shows as its result: the call
+    (<|python_start|>7+5<|python_end|>) is hidden and the forced output (<|output_start|>12<|output_end|>)
+    reads as "12"; no control token is ever shown. UTF-8 characters are never split (StreamDecoder)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.decoder = StreamDecoder(engine.tokenizer)
+        self.control = set(engine.tokenizer.special_tokens.values())
+        self.in_call = False
+
+    def push(self, token):
+        if token == self.engine.python_start:
+            self.in_call = True
+            return self.decoder.flush()
+        if token == self.engine.python_end:
+            self.in_call = False
+            return ""
+        if self.in_call:
+            return ""
+        if token in self.control:
+            return self.decoder.flush()
+        return self.decoder.push(token)
+
+    def flush(self):
+        return self.decoder.flush()
+
+
+class ReleasingStream(StreamingResponse):
+    """A streamed reply that gives its queue place back however it ends: finished, client gone, never started."""
+
+    def __init__(self, content, release, **kwargs):
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
 # -----------------------------------------------------------------------------
 # Request validation
+
+def _brief(value):
+    """A client's value, short, for an error message (never a huge repr, never int-to-str beyond its limit)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
 
 def _number(body, key, default, lo, hi, integer=False):
     value = body.get(key)
@@ -103,9 +241,9 @@ def _number(body, key, default, lo, hi, integer=False):
         return default
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
-        raise ApiError(400, f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}", key)
+        raise ApiError(400, f"{key} must be {'an integer' if integer else 'a number'}, got {_brief(value)}", key)
     if not lo <= value <= hi:
-        raise ApiError(400, f"{key} must be between {lo} and {hi}, got {value}", key)
+        raise ApiError(400, f"{key} must be between {lo} and {hi}, got {_brief(value)}", key)
     return value
 
 
@@ -129,7 +267,7 @@ def validate_messages(messages):
             raise ApiError(400, f"messages[{i}] must be an object with role and content", "messages")
         role, text = m["role"], _content_text(m["content"], i)
         if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {role!r}", "messages")
+            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {_brief(role)}", "messages")
         if len(text) > MAX_MESSAGE_CHARS:
             raise ApiError(400, f"messages[{i}] is too long: {len(text)} > {MAX_MESSAGE_CHARS} characters", "messages")
         total += len(text)
@@ -146,25 +284,108 @@ def validate_messages(messages):
     return out
 
 
-async def read_json(request):
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body too large: {len(body)} > {MAX_BODY_BYTES} bytes")
+async def _read_body(request, limit):
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:  # stop reading here: the rest is never buffered
+            raise ApiError(413, f"request body too large: over {limit} bytes", headers={"Connection": "close"})
+    return bytes(body)
+
+
+async def read_json(request, timeout=BODY_TIMEOUT_S):
+    """The request's JSON object: the body is read up to MAX_BODY_BYTES and within `timeout` seconds."""
+    try:
+        body = await asyncio.wait_for(_read_body(request, MAX_BODY_BYTES), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout:g} s", headers={"Connection": "close"})
+    except ClientDisconnect:
+        client = request.client
+        events("upload", f"client {client.host}:{client.port} disconnected while sending its request; dropped" if client
+               else "a client disconnected while sending its request; dropped")
+        raise ClientGone()
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"malformed JSON: {e}")
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})")
+    except UnicodeDecodeError:
+        raise ApiError(400, "malformed JSON: the body is not UTF-8 text")
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply")
+    except ValueError:  # an integer literal past Python's digit limit
+        raise ApiError(400, "malformed JSON: a number is too long")
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     return data
 
 
+async def _disconnected(request):
+    """Returns when the client goes away (the body has been read: uvicorn's receive() then waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _host_name(header):
+    """'example.org:8000' -> 'example.org', '[::1]:8000' -> '::1'."""
+    if header.startswith("["):
+        return header[1:header.find("]")].lower()
+    return (header.rsplit(":", 1)[0] if header.count(":") == 1 else header).lower()
+
+
+def _is_ip(name):
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class Gate:
+    """Pure ASGI middleware: checks the headers of every HTTP request before the app reads anything."""
+
+    def __init__(self, app, host, allowed_hosts, api_key):
+        self.app, self.api_key = app, api_key
+        self.any_ip = host in ("0.0.0.0", "::", "")  # serving every address: any IP literal is one of ours
+        self.hosts = {h.lower().strip("[]") for h in (*LOCAL_HOSTS, *([] if self.any_ip else [host]), *allowed_hosts)}
+
+    def problem(self, scope, headers):
+        host = headers.get("host")
+        if host is not None and _host_name(host) not in self.hosts and not (self.any_ip and _is_ip(_host_name(host))):
+            return 400, f"Host {_brief(host)} is not served here (start the server with --allowed-hosts to add it)", {}
+        if self.api_key and scope["path"] != "/health":
+            scheme, _, key = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+                return 401, "missing or wrong API key: send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"}
+        if scope["method"] == "POST":
+            if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+                return 415, "Content-Type must be application/json", {}
+            length = headers.get("content-length")
+            if length is not None:
+                if not (length.isascii() and length.isdigit()):
+                    return 400, "Content-Length must be a number of bytes", {}
+                if len(length.lstrip("0")) > 9 or int(length) > MAX_BODY_BYTES:  # never int() a huge string
+                    return 413, f"request body too large: {_brief(length)} > {MAX_BODY_BYTES} bytes", {}
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            problem = self.problem(scope, headers)
+            if problem is not None:
+                status, message, extra = problem
+                # the body, if any, is never read: the connection closes after the answer
+                response = error_response(status, message, headers={**extra, "Connection": "close"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
 # -----------------------------------------------------------------------------
 # Generation
 
-def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_tokens=512):
-    """The FastAPI app around a list of Workers (one model replica each); defaults apply when a request omits them."""
-    pool = WorkerPool(workers)
+def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_tokens=512, max_queue=MAX_QUEUE,
+               api_key=None, host="127.0.0.1", allowed_hosts=(), body_timeout=BODY_TIMEOUT_S):
+    """The FastAPI app around a list of Workers (one model replica each); defaults apply when a request omits
+    them. host is the bind address, which Host headers may name besides localhost and allowed_hosts."""
+    pool = WorkerPool(workers, max_queue)
     tokenizer = workers[0].engine.tokenizer
     context_len = workers[0].engine.model.config.sequence_len
     stats = {"started": time.time(), "requests": 0, "tokens": 0, "first_token_s": deque(maxlen=100)}
@@ -172,17 +393,39 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
     @asynccontextmanager
     async def lifespan(app):
         pool.start()
+        loop = asyncio.get_running_loop()
+        default = loop.get_exception_handler()
+
+        def on_loop_error(loop, context):  # e.g. accept() failing with EMFILE: asyncio would log every retry
+            exc = context.get("exception")
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                events("fds", f"cannot accept connections: {exc.strerror}")
+            elif default is not None:
+                default(loop, context)
+            else:
+                loop.default_exception_handler(context)
+        loop.set_exception_handler(on_loop_error)
         yield
 
-    app = FastAPI(title="nanochat", lifespan=lifespan)
+    # no /docs, /redoc or /openapi.json: the docs pages load their scripts from a CDN
+    app = FastAPI(title="nanochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Gate, host=host, allowed_hosts=allowed_hosts, api_key=api_key)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request, exc):
-        return error_response(exc.status, exc.message, exc.param)
+        return error_response(exc.status, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request, exc):  # 404, 405
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(request, exc):
+        return Response(status_code=400)  # nobody reads it
 
     @app.exception_handler(Exception)
-    async def on_unexpected(request, exc):
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    async def on_unexpected(request, exc):  # logged by the server with its traceback; the client learns nothing
+        return error_response(500, "internal error")
 
     def parse(body, openai):
         messages = validate_messages(body.get("messages"))
@@ -207,11 +450,11 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
         t0 = time.perf_counter()  # first-token latency counts the wait for a free worker
         worker = await pool.acquire()
         loop = asyncio.get_running_loop()
-        events = asyncio.Queue()
+        events_q = asyncio.Queue()
         stop = threading.Event()
 
         def emit(*event):
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            loop.call_soon_threadsafe(events_q.put_nowait, event)
 
         def finish(num_tokens):  # on the event loop: bookkeeping, then the worker is free again
             worker.requests += 1
@@ -224,31 +467,32 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
             device = worker.engine.model.get_device()
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # this thread's kernels go to the worker's own GPU
-            decoders = [StreamDecoder(tokenizer) for _ in range(n)]
+            renderers = [ReplyRenderer(worker.engine) for _ in range(n)]
             finished, counts = [False] * n, [0] * n
             try:
-                for column, _ in worker.engine.generate(tokens, num_samples=n, max_tokens=max_tokens,
-                                                        temperature=temperature, top_k=top_k, seed=seed):
+                for column, masks in worker.engine.generate(tokens, num_samples=n, max_tokens=max_tokens,
+                                                            temperature=temperature, top_k=top_k, seed=seed):
                     if stop.is_set():
                         break
-                    for row, token in enumerate(column):
+                    for row, (token, sampled) in enumerate(zip(column, masks)):
                         if finished[row]:
                             continue
                         if token in worker.engine.stop_tokens:
                             finished[row] = True
-                            emit("text", row, decoders[row].flush())
+                            emit("text", row, renderers[row].flush())
                             emit("finish", row, "stop", counts[row])
                             continue
-                        counts[row] += 1
-                        emit("text", row, decoders[row].push(token))
+                        counts[row] += sampled  # a tool's forced output is not generated
+                        emit("text", row, renderers[row].push(token))
                     if all(finished):
                         break
                 for row in range(n):
                     if not finished[row]:
-                        emit("text", row, decoders[row].flush())
+                        emit("text", row, renderers[row].flush())
                         emit("finish", row, "length", counts[row])
-            except Exception as e:  # reported to the client; the server carries on
-                emit("error", f"{type(e).__name__}: {e}")
+            except Exception:  # the client hears that it failed; the details stay in the server's log
+                log.exception("generation failed")
+                emit("error", "generation failed")
             finally:
                 loop.call_soon_threadsafe(finish, sum(counts))
                 emit("end")
@@ -258,7 +502,7 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
             yield ("start", worker)
             first = True
             while True:
-                event = await events.get()
+                event = await events_q.get()
                 if event[0] == "end":
                     return
                 if event[0] == "text" and not event[2]:
@@ -291,6 +535,8 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
             "requests": stats["requests"],
             "tokens_generated": stats["tokens"],
             "waiting_requests": pool.waiting,
+            "pending_requests": pool.pending,
+            "refused_busy": pool.refused,
             "mean_first_token_latency_s": round(sum(ftl) / len(ftl), 4) if ftl else None,
             "workers": [{"gpu": w.gpu_id, "busy": w.busy, "requests": w.requests, "tokens": w.tokens} for w in workers],
         }
@@ -301,40 +547,61 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
-        tokens, p = parse(await read_json(request), openai=False)
+        tokens, p = parse(await read_json(request, body_timeout), openai=False)
+        release = pool.admit()
 
         async def sse():
             gpu = None
-            async for event in generate(tokens, **p):
-                if event[0] == "start":
-                    gpu = event[1].gpu_id
-                elif event[0] == "text":
-                    yield f"data: {json.dumps({'token': event[2], 'gpu': gpu})}\n\n"
-                elif event[0] == "error":
-                    yield f"data: {json.dumps({'error': event[1]})}\n\n"
+            async with aclosing(generate(tokens, **p)) as stream:
+                async for event in stream:
+                    if event[0] == "start":
+                        gpu = event[1].gpu_id
+                    elif event[0] == "text":
+                        yield f"data: {json.dumps({'token': event[2], 'gpu': gpu})}\n\n"
+                    elif event[0] == "error":
+                        yield f"data: {json.dumps({'error': event[1]})}\n\n"
             yield f"data: {json.dumps({'done': True})}\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return ReleasingStream(sse(), release, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions")
     async def openai_chat_completions(request: Request):
-        body = await read_json(request)
+        body = await read_json(request, body_timeout)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false", "stream")
         tokens, p = parse(body, openai=True)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         header = {"id": completion_id, "created": created, "model": model_name}
+        release = pool.admit()
 
         if not stream:
-            texts, reasons, counts = [""] * p["n"], ["stop"] * p["n"], [0] * p["n"]
-            async for event in generate(tokens, **p):
-                if event[0] == "text":
-                    texts[event[1]] += event[2]
-                elif event[0] == "finish":
-                    reasons[event[1]], counts[event[1]] = event[2], event[3]
-                elif event[0] == "error":
-                    raise ApiError(500, f"generation failed: {event[1]}")
+            texts, reasons, counts, failed = [""] * p["n"], ["stop"] * p["n"], [0] * p["n"], []
+
+            async def collect():
+                async with aclosing(generate(tokens, **p)) as events_:
+                    async for event in events_:
+                        if event[0] == "text":
+                            texts[event[1]] += event[2]
+                        elif event[0] == "finish":
+                            reasons[event[1]], counts[event[1]] = event[2], event[3]
+                        elif event[0] == "error":
+                            failed.append(event[1])
+
+            # a client that leaves stops its generation here too (a stream notices when its write fails)
+            collector, watcher = asyncio.ensure_future(collect()), asyncio.ensure_future(_disconnected(request))
+            try:
+                await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watcher.cancel()
+                if not collector.done():
+                    collector.cancel()
+                release()
+            if not collector.done() or collector.cancelled():
+                return Response(status_code=499)  # the client is gone: nobody reads it
+            collector.result()
+            if failed:
+                raise ApiError(500, "generation failed")
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
                        for i, (t, r) in enumerate(zip(texts, reasons))]
             usage = {"prompt_tokens": len(tokens), "completion_tokens": sum(counts), "total_tokens": len(tokens) + sum(counts)}
@@ -348,26 +615,128 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
 
         async def sse():
             completion_tokens = 0
-            async for event in generate(tokens, **p):
-                if event[0] == "start":
-                    for i in range(p["n"]):
-                        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-                elif event[0] == "text":
-                    yield chunk([{"index": event[1], "delta": {"content": event[2]}, "finish_reason": None}])
-                elif event[0] == "finish":
-                    completion_tokens += event[3]
-                    yield chunk([{"index": event[1], "delta": {}, "finish_reason": event[2]}])
-                elif event[0] == "error":
-                    yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+            async with aclosing(generate(tokens, **p)) as stream_:
+                async for event in stream_:
+                    if event[0] == "start":
+                        for i in range(p["n"]):
+                            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                    elif event[0] == "text":
+                        yield chunk([{"index": event[1], "delta": {"content": event[2]}, "finish_reason": None}])
+                    elif event[0] == "finish":
+                        completion_tokens += event[3]
+                        yield chunk([{"index": event[1], "delta": {}, "finish_reason": event[2]}])
+                    elif event[0] == "error":
+                        yield f"data: {json.dumps(error_body(500, event[1]))}\n\n"
             if include_usage:
                 usage = {"prompt_tokens": len(tokens), "completion_tokens": completion_tokens,
                          "total_tokens": len(tokens) + completion_tokens}
                 yield chunk([], usage=usage)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return ReleasingStream(sse(), release, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
+
+# -----------------------------------------------------------------------------
+# The HTTP server: uvicorn, with a deadline for request heads and a cap on connections
+
+BUSY = json.dumps(error_body(503, "too many connections; retry later")).encode()
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: %d\r\n"
+                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (RETRY_AFTER_S, len(BUSY), BUSY))
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus: a request head must arrive within header_timeout of the connection
+    (or of the previous response), and at most max_connections are open. At the cap the connection that has
+    been idle longest (no request in progress; a half-sent head counts as idle) is closed to make room; if
+    none is idle the newcomer gets a 503 and is closed. Settings are class attributes (see make_server)."""
+    max_connections = MAX_CONNECTIONS
+    header_timeout = HEADER_TIMEOUT_S
+    refused = False
+    head_timer = None
+    idle_since = None
+
+    def idle(self):
+        return self.cycle is None or self.cycle.response_complete
+
+    def connection_made(self, transport):
+        if len(self.connections) >= self.max_connections and not self._evict_idlest():
+            self.refused = True
+            transport.write(BUSY_RESPONSE)
+            transport.close()
+            events("connections", f"{self.max_connections} connections open, all busy: new ones refused with 503")
+            return
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def _evict_idlest(self):
+        idle = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c.idle_since is not None
+                and c.idle() and not c.transport.is_closing()]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c.idle_since).transport.close()
+        events("evicted", f"{self.max_connections} connections open: closing the idlest to admit new ones")
+        return True
+
+    def _arm_head_timer(self):
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        self.idle_since = time.monotonic()
+        self.head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+
+    def _head_timeout(self):
+        self.head_timer = None
+        if self.transport.is_closing() or not self.idle() or self.conn.their_state is not h11.IDLE:
+            return  # closing, or a request is in progress
+        events("head-timeout", f"closed connections that sent no complete request within {self.header_timeout:g} s")
+        self.transport.close()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_timer()
+
+    def connection_lost(self, exc):
+        if self.refused:
+            return
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        super().connection_lost(exc)
+
+
+def make_server(app, host="127.0.0.1", port=8000, max_connections=MAX_CONNECTIONS, header_timeout=HEADER_TIMEOUT_S):
+    """A uvicorn.Server for `app` with the limits above; run it with server.run(sockets=[bound_socket])."""
+    import uvicorn
+    protocol = type("Protocol", (GuardedH11Protocol,), {"max_connections": max_connections, "header_timeout": header_timeout})
+    config = uvicorn.Config(app, host=host, port=port, http=protocol, ws="none", lifespan="on",
+                            timeout_keep_alive=KEEP_ALIVE_S, log_level="warning")
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ThrottleRepeats) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(ThrottleRepeats())
+    return uvicorn.Server(config)
+
+
+def bind(host, port, backlog=2048):
+    """A listening TCP socket (port 0: any free port): connections queue from here on, until uvicorn accepts them."""
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only then (else 40 ms per reply)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
+
+
+def raise_open_files_limit():
+    """The soft RLIMIT_NOFILE raised to the hard one: every connection is a file descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def main():
@@ -378,16 +747,28 @@ def main():
     parser.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CPU: always 1)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
     parser.add_argument("--host", type=str, default="127.0.0.1", help="bind address (0.0.0.0 to serve the network)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port (the URL is printed)")
     parser.add_argument("--temperature", type=float, default=0.8, help="default sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=int, default=50, help="default top-k")
     parser.add_argument("--max-tokens", type=int, default=512, help="default maximum tokens per reply")
+    parser.add_argument("--api-key", type=str, default=os.environ.get("NANOCHAT_API_KEY"),
+                        help="require `Authorization: Bearer KEY` on every route but /health (default: $NANOCHAT_API_KEY)")
+    parser.add_argument("--allowed-hosts", type=str, default="",
+                        help="comma-separated host names clients may use besides the bind address and localhost")
+    parser.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests that may wait for a worker; more get 503")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="open connections at most")
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S, help="seconds for a request head to arrive")
+    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, help="seconds for a request body to arrive")
     args = parser.parse_args()
 
-    import uvicorn
     from nanochat.checkpoint import load_model
     from nanochat.common import autodetect_device_type
 
+    open_files = raise_open_files_limit()
+    if args.max_connections > open_files - 64:
+        sys.exit(f"error: --max-connections {args.max_connections} needs more file descriptors than the {open_files} allowed")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print("warning: serving beyond localhost without --api-key: anyone who can reach the port can use the model", flush=True)
     device_type = args.device_type or autodetect_device_type()
     if device_type == "cuda":
         assert args.num_gpus <= torch.cuda.device_count(), f"--num-gpus {args.num_gpus} but only {torch.cuda.device_count()} GPUs visible"
@@ -403,9 +784,14 @@ def main():
         workers.append(Worker(gpu_id=i, engine=Engine(model, tokenizer)))
         print(f"worker {i}: {args.source}/{meta['model_tag']} step {meta['step']} on {device}", flush=True)
     model_name = f"nanochat-{args.source}-{meta['model_tag']}"
-    app = create_app(workers, model_name=model_name, temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
-    print(f"serving {model_name} at http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    app = create_app(workers, model_name=model_name, temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
+                     max_queue=args.max_queue, api_key=args.api_key, host=args.host, allowed_hosts=allowed_hosts,
+                     body_timeout=args.body_timeout)
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {model_name} at http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
+    make_server(app, args.host, port, args.max_connections, args.header_timeout).run(sockets=[sock])
 
 
 if __name__ == "__main__":
