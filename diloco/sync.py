@@ -36,6 +36,7 @@ in flight (drained at the save point: waiting earlier changes no number).
 The outer learning rate is constant (as in the paper); the inner optimizers carry the LR schedule.
 """
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ import torch.distributed as dist
 
 from diloco.codecs import CODECS, add_codec_args, make_codec
 from diloco.fragments import Fragment, Pending, split_into_fragments
+from diloco.membership import ElasticCodec, TorchftMembership, add_membership_args
 from nanochat import comm
 from nanochat.common import get_dist_info
 
@@ -70,6 +72,7 @@ def add_sync_args(parser):
     g.add_argument("--fragment-alpha", type=float, default=0.0,
                    help="when a fragment syncs, local = alpha * local + (1 - alpha) * theta_global (0 = plain copy)")
     add_codec_args(g)
+    add_membership_args(g)
     g.add_argument("--comm-delay-ms", type=float, default=0.0,
                    help="test hook: every collective across workers (DDP: inner, DiLoCo: outer) sleeps this long")
     g.add_argument("--collective-timeout", type=float, default=600.0,
@@ -98,8 +101,14 @@ def make_worker_groups(args):
     if not (ddp and dist.is_initialized()):
         return WorkerGroups(1, 1, 0, 0, None, None)
     if args.sync == "ddp":
+        if args.elastic != "off":
+            raise ValueError("--elastic needs --sync diloco: DDP averages gradients every step, so a dead rank "
+                             "fails the run within --collective-timeout (resume from the last checkpoint)")
         comm.label_group(dist.group.WORLD, "inner")
         return WorkerGroups(world_size, 1, rank, 0, dist.group.WORLD, None)
+    if args.elastic != "off":  # this torchrun job is one worker; the others are reached through torchft
+        comm.label_group(dist.group.WORLD, "inner")
+        return WorkerGroups(1, world_size, 0, rank, dist.group.WORLD, None)
     k = args.diloco_workers or world_size
     if k < 1 or world_size % k != 0:
         raise ValueError(f"--diloco-workers {k} must divide the number of ranks ({world_size})")
@@ -160,14 +169,22 @@ class DDPSync:
     def load_state_dict(self, state):
         pass  # nothing to restore; a DiLoCo state is ignored (its theta_global is the saved model)
 
+    def portable_state_dict(self):
+        return {"mode": "ddp"}
+
+    def load_portable_state_dict(self, state):
+        pass  # the weights are model.pt; a DiLoCo run's outer state does not carry over to DDP
+
 
 class DiLoCoSync:
     mode = "diloco"
 
     def __init__(self, model, optimizers, groups, h, outer_optimizer, codec_factory, outer_device="gpu",
-                 fragments=1, overlap=0, alpha=0.0):
+                 fragments=1, overlap=0, alpha=0.0, membership_factory=None):
         """outer_optimizer: params -> torch.optim.Optimizer over theta_global (fp32); it is stepped one
-        fragment at a time (only that fragment's tensors carry a gradient). codec_factory: (sizes, device) -> codec."""
+        fragment at a time (only that fragment's tensors carry a gradient). codec_factory: (sizes, device) -> codec.
+        membership_factory: (heal_state_fn, heal_fn) -> TorchftMembership for --elastic (diloco/membership.py):
+        the outer exchange then runs over whichever workers are present, and this worker joins at once."""
         if h < 1:
             raise ValueError(f"--diloco-h {h}: must be >= 1")
         if not 1 <= fragments <= h:
@@ -200,6 +217,31 @@ class DiLoCoSync:
         self.num_syncs = 0  # fragment syncs applied (F per H steps)
         self.wait_seconds = 0.0  # time the training loop was blocked on outer exchanges
         self._backup = None  # the worker's own weights while global_view() shows theta_global
+        self.membership = None
+        if membership_factory is not None:
+            if (fragments, overlap) != (1, 0):
+                raise ValueError("--elastic torchft runs plain DiLoCo: use --diloco-fragments 1 --diloco-overlap 0")
+            self.membership = membership_factory(self._heal_state, self._heal)
+            self.fragments[0].codec = ElasticCodec(self.membership, lambda: self.inner_step - self.last_launch[0])
+            self.outer_step()  # join: wait for the others' next outer sync, healed from a live peer if behind
+
+    def _heal_state(self):
+        """What a joining worker is healed with (torchft sends it from a live peer at the quorum)."""
+        return {"theta_global": [[t.cpu() for t in frag.theta] for frag in self.fragments],
+                "outer_optimizer": self.outer_optimizer.state_dict(), "inner_step": self.inner_step,
+                "last_launch": list(self.last_launch), "num_syncs": self.num_syncs}
+
+    def _heal(self, state):
+        """A peer's outer state: theta_global (also this rank's own pieces of the model), outer momentum,
+        counters. The inner optimizer state stays this worker's own (fresh for a new process)."""
+        with torch.no_grad():
+            for frag, saved in zip(self.fragments, state["theta_global"], strict=True):
+                for theta, p, t in zip(frag.theta, frag.owned, saved, strict=True):
+                    theta.copy_(t)
+                    p.copy_(t)
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self.inner_step, self.last_launch = state["inner_step"], list(state["last_launch"])
+        self.num_syncs = state["num_syncs"]
 
     def step(self):
         for opt in self.optimizers:
@@ -308,6 +350,91 @@ class DiLoCoSync:
                 "num_syncs": self.num_syncs, "wait_seconds": self.wait_seconds,
                 "local_weights": [t.detach().cpu().clone() for t in local]}
 
+    def _piece_names(self):
+        """(parameter name, first row, end row) of every piece of every fragment, in order."""
+        spans = {}
+        for name, p in self.model.named_parameters():
+            spans[p.data_ptr()] = (name, p)
+        out = []
+        for frag in self.fragments:
+            names = []
+            for piece in frag.pieces:
+                base = next((v for k, v in spans.items() if k <= piece.data_ptr() < k + v[1].numel() * v[1].element_size()))
+                name, p = base
+                per_row = max(1, p.numel() // max(p.shape[0] if p.dim() else 1, 1))
+                lo = (piece.data_ptr() - p.data_ptr()) // p.element_size() // per_row
+                names.append((name, lo, lo + (piece.shape[0] if piece.dim() else 1)))
+            out.append(names)
+        return out
+
+    def portable_state_dict(self):
+        """Collective over the world. theta_global and the outer optimizer's per-element state (the momentum)
+        by parameter name, whole tensors, and the step counters: what a run with another number of workers
+        or ranks per worker resumes from. Every worker holds the same outer state, so worker 0's ranks send
+        their owned pieces to rank 0, which returns the assembled dict (other ranks return None)."""
+        if self.pending:  # the same on every rank (the schedule is global): no rank enters the gather
+            return {"mode": "diloco", "in_flight": sorted(self.pending)}
+        pieces = []
+        if self.groups.worker_id == 0:
+            for frag, names in zip(self.fragments, self._piece_names()):
+                owned = [n for n, o in zip(names, frag.owners) if o == self.groups.local_index]
+                for (name, lo, hi), theta in zip(owned, frag.theta, strict=True):
+                    state = self.outer_optimizer.state.get(theta, {})
+                    per_element = {k: v.cpu() for k, v in state.items() if torch.is_tensor(v) and v.shape == theta.shape}
+                    scalars = {k: v for k, v in state.items() if k not in per_element}
+                    pieces.append((name, lo, hi, theta.cpu(), per_element, scalars))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(pieces, gathered, dst=0)
+            if dist.get_rank() != 0:
+                return None
+            pieces = [piece for rank_pieces in gathered for piece in rank_pieces]
+        shapes = {name: p.shape for name, p in self.model.named_parameters()}
+        theta_global, outer_state, scalars = {}, {}, {}
+        for name, lo, hi, theta, per_element, piece_scalars in pieces:
+            full = theta_global.setdefault(name, torch.zeros(shapes[name], dtype=torch.float32))
+            full.view(-1, *full.shape[1:])[lo:hi] = theta.view(-1, *full.shape[1:]) if full.dim() else theta
+            for key, value in per_element.items():
+                buf = outer_state.setdefault(key, {}).setdefault(name, torch.zeros(shapes[name], dtype=torch.float32))
+                buf.view(-1, *buf.shape[1:])[lo:hi] = value.view(-1, *buf.shape[1:]) if buf.dim() else value
+            scalars.update(piece_scalars)
+        return {"mode": "diloco", "h": self.h, "fragments": len(self.fragments), "theta_global": theta_global,
+                "outer_state": outer_state, "outer_scalars": scalars, "inner_step": self.inner_step,
+                "last_launch": list(self.last_launch), "num_syncs": self.num_syncs}
+
+    def load_portable_state_dict(self, state):
+        """Continue from a portable state (any number of workers and ranks): theta_global and the outer
+        momentum from it; this worker's own weights = theta_global (its drift since the last outer step was
+        not kept); codec error feedback starts at zero. A DDP state starts the outer loop fresh."""
+        if not state or state.get("mode") != "diloco":
+            return
+        if "in_flight" in state:
+            raise ValueError("this checkpoint was saved with outer exchanges in flight (--diloco-overlap), which only "
+                             "a resume with the same ranks and workers can finish; resume with the same layout, or "
+                             "from a checkpoint at a step where no exchange is in flight")
+        if (state["fragments"], state["h"]) != (len(self.fragments), self.h):
+            raise ValueError(f"checkpoint was saved with --diloco-fragments {state['fragments']} --diloco-h "
+                             f"{state['h']}: resume with the same flags")
+        with torch.no_grad():
+            for frag, names in zip(self.fragments, self._piece_names()):
+                for (name, lo, hi), piece in zip(names, frag.pieces):
+                    full = state["theta_global"][name]
+                    piece.copy_(full.view(-1, *full.shape[1:])[lo:hi].view_as(piece) if full.dim() else full)
+                owned = [n for n, o in zip(names, frag.owners) if o == self.groups.local_index]
+                for (name, lo, hi), theta in zip(owned, frag.theta, strict=True):
+                    full = state["theta_global"][name]
+                    theta.copy_(full.view(-1, *full.shape[1:])[lo:hi].view_as(theta) if full.dim() else full)
+                    entry = dict(state["outer_scalars"])
+                    for key, by_name in state["outer_state"].items():
+                        buf = by_name.get(name)  # absent: this fragment had no outer step yet
+                        if buf is None:
+                            continue
+                        entry[key] = (buf.view(-1, *buf.shape[1:])[lo:hi].view_as(theta) if buf.dim() else buf).to(theta.device, copy=True)
+                    if entry:
+                        self.outer_optimizer.state[theta] = entry
+        self.inner_step, self.last_launch = state["inner_step"], list(state["last_launch"])
+        self.num_syncs, self.pending = state["num_syncs"], {}
+
     def load_state_dict(self, state):
         """Restore a DiLoCo state; a DDP checkpoint (or none) starts the outer loop fresh from the weights."""
         if not state or state.get("mode") != "diloco":
@@ -350,7 +477,30 @@ def make_sync(args, model, optimizers, groups, outer_optimizer=None):
 
         def outer_optimizer(params):
             return torch.optim.SGD(params, lr=args.outer_lr, momentum=momentum, nesterov=nesterov)
+    membership_factory = None
+    if args.elastic == "torchft":
+        if args.outer_compression != "none":
+            raise ValueError("--elastic torchft sends fp32 pseudo-gradients: use --outer-compression none")
+        membership_factory = lambda state_fn, load_fn: _torchft_membership(args, state_fn, load_fn, model)
     return DiLoCoSync(model, optimizers, groups, h=args.diloco_h, outer_optimizer=outer_optimizer,
                       codec_factory=lambda sizes, device: make_codec(args, sizes, device, momentum=args.outer_momentum),
                       outer_device=args.outer_device, fragments=args.diloco_fragments, overlap=args.diloco_overlap,
-                      alpha=args.fragment_alpha)
+                      alpha=args.fragment_alpha, membership_factory=membership_factory)
+
+
+def _torchft_membership(args, state_fn, load_fn, model):
+    """A torchft Manager for this rank, on the worker's own store (torchrun's, or one made here for a single
+    process), meeting the other workers at the Lighthouse."""
+    lighthouse = args.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE", "")
+    if not lighthouse:
+        raise SystemExit("--elastic torchft: no Lighthouse; start one (`torchft_lighthouse --min_replicas 1 "
+                         "--join_timeout_ms 10000`) and pass --lighthouse http://HOST:29510")
+    _, rank, _, world_size = get_dist_info()
+    store_addr = store_port = None
+    if not (dist.is_available() and dist.is_initialized()):
+        store = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
+        _torchft_membership.store = store  # kept alive with the process
+        store_addr, store_port = "127.0.0.1", store.port
+    return TorchftMembership(state_fn, load_fn, args.replica_id, lighthouse, args.min_workers,
+                             args.collective_timeout, next(model.parameters()).device, args.max_outer_retries,
+                             rank=rank, world_size=world_size, store_addr=store_addr, store_port=store_port)

@@ -1,6 +1,10 @@
-"""Atomic checkpoints: model, per-rank optimizer state, per-rank extras (loader, sync state), metadata.
+"""Atomic checkpoints: model, per-rank optimizer state, per-rank extras (sync state), a shared training state
+that does not depend on the number of ranks (global data position, DiLoCo's theta_global and outer momentum by
+parameter name, counters), and metadata.
 
-Layout: <base>/checkpoints/<stage>/<model_tag>/step_000123/{model.pt, meta.json, optim_rank0.pt, extra_rank0.pt, ...}
+Layout: <base>/checkpoints/<stage>/<model_tag>/step_000123/{model.pt, shared.pt, meta.json, optim_rank0.pt,
+extra_rank0.pt, ...}. A resume with the same ranks and workers restores every rank exactly from its own files;
+with another layout each rank starts its inner optimizer (and DiLoCo its own weights) fresh from shared.pt.
 Every rank writes into step_000123.partial/; after a barrier rank 0 renames it into place, so a directory
 without the .partial suffix is always complete (meta.json is written last, inside it, as a second guard).
 Multi-node runs need the checkpoint directory on a shared filesystem, as nanochat does.
@@ -40,8 +44,8 @@ def _atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, extra=None):
-    """Called by every rank. model_state/meta are written by rank 0 only; optimizer_state and extra per rank."""
+def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, extra=None, shared=None):
+    """Called by every rank. model_state/meta/shared are written by rank 0 only; optimizer_state and extra per rank."""
     final = _step_dir(ckpt_dir, step)
     partial = final + ".partial"
     if rank == 0:
@@ -50,6 +54,8 @@ def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, 
     _barrier()
     if rank == 0:
         _atomic_torch_save(_strip_compile_prefix(model_state), os.path.join(partial, "model.pt"))
+        if shared is not None:
+            _atomic_torch_save(shared, os.path.join(partial, "shared.pt"))
     if optimizer_state is not None:
         _atomic_torch_save(optimizer_state, os.path.join(partial, f"optim_rank{rank}.pt"))
     if extra is not None:
@@ -109,35 +115,63 @@ def load_checkpoint(ckpt_dir, step, device, rank=0, load_optimizer=True):
     return model_state, optimizer_state, meta, extra
 
 
-def restore_training(ckpt_dir, model, optimizers, sync, device, rank):
-    """Load the last checkpoint of a training run (written by save_training) into its live objects: weights,
-    this rank's optimizer states, the sync state (DiLoCo's theta_global, outer momentum, counters and, loaded
-    after model.pt's theta_global, the worker's own weights) and the communication counters.
-    Returns (step, meta, extra) so the caller can restore what else it saved (loader position, metrics)."""
+def _load_shared(ckpt_dir, step):
+    path = os.path.join(_step_dir(ckpt_dir, step), "shared.pt")
+    try:
+        return torch.load(path, map_location="cpu") if os.path.exists(path) else None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise RuntimeError(f"corrupt checkpoint {path}: {e}") from e
+
+
+def restore_training(ckpt_dir, model, optimizers, sync, device, rank, layout=None):
+    """Load the last checkpoint of a training run (written by save_training) into its live objects.
+    layout: {"world_size", "workers"} of this run. Saved with the same layout, every rank restores exactly what
+    it saved: weights, its optimizer states, the sync state (DiLoCo's theta_global, outer momentum, counters and,
+    after model.pt's theta_global, the worker's own weights) and its communication counters. With another layout
+    (workers lost or added), the world-size-independent part is restored (theta_global, DiLoCo's outer state by
+    parameter name, the global data position, counters) and each rank's inner optimizer starts fresh.
+    Returns (step, meta, extra): extra = the stage's shared state plus, same layout only, this rank's own."""
     step = find_last_step(ckpt_dir)
     if step is None:
         raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
     model_state, optim_state, meta, extra = load_checkpoint(ckpt_dir, step, device, rank=rank)
-    if optim_state is None or extra is None or "sync" not in extra:
-        raise SystemExit(f"--resume: {_step_dir(ckpt_dir, step)} holds weights but no training state for rank {rank} "
-                         f"(an older save, or another number of ranks): run again without --resume")
-    model.load_state_dict(model_state)
-    for opt, state in zip(optimizers, optim_state, strict=True):
-        opt.load_state_dict(state)
-    sync.load_state_dict(extra["sync"])
-    comm.load_comm_stats(extra["comm"])
-    logger.info(f"resumed from {ckpt_dir} step {step}")
-    return step, meta, extra
+    shared = _load_shared(ckpt_dir, step)
+    same_layout = layout is None or meta.get("layout", layout) == layout
+    if same_layout and optim_state is not None and extra is not None and "sync" in extra:
+        model.load_state_dict(model_state)
+        for opt, state in zip(optimizers, optim_state, strict=True):
+            opt.load_state_dict(state)
+        sync.load_state_dict(extra["sync"])
+        comm.load_comm_stats(extra["comm"])
+        logger.info(f"resumed from {ckpt_dir} step {step}")
+        return step, meta, dict((shared or {}).get("extra", {}), **extra)
+    if shared is None:
+        raise SystemExit(f"--resume: {_step_dir(ckpt_dir, step)} was saved by {meta.get('layout', 'another layout')} "
+                         f"and holds no world-size-independent state (an older save, or a stage that keeps "
+                         f"per-rank state only): resume with the same number of ranks and workers, or without --resume")
+    model.load_state_dict(model_state)  # theta_global
+    sync.load_portable_state_dict(shared["sync"])
+    comm.load_comm_stats(shared["comm"] if rank == 0 else {})  # the totals continue, counted once
+    logger.info(f"resumed from {ckpt_dir} step {step}, saved as {meta.get('layout')}, now {layout}: inner "
+                f"optimizer state starts fresh on every rank")
+    return step, meta, dict(shared["extra"])
 
 
-def save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra):
+def save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra, shared=None, layout=None):
     """What restore_training reads, saved by every rank inside sync.global_view() (so model.pt is theta_global):
     this rank's optimizer and sync states (the sync's holds the worker's own weights), the communication
-    counters, rank 0's seconds blocked on outer exchanges, and the stage's own extra state."""
+    counters, rank 0's seconds blocked on outer exchanges and the stage's own per-rank `extra`. With `shared`
+    (the stage's world-size-independent state, e.g. the global data position) a shared.pt is written too, so
+    the run can resume with another number of ranks or workers (collective: gathers the sync's portable state)."""
     sync_state = sync.state_dict()  # first: it may wait for exchanges in flight
+    shared_state = None
+    if shared is not None:
+        portable, totals = sync.portable_state_dict(), comm.global_comm_stats()
+        shared_state = {"sync": portable, "extra": shared,
+                        "comm": {label: dict(s, calls=0) for label, s in totals.items()}}
     return save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers],
-                           dict(meta, outer_wait_seconds=sync.wait_seconds), rank=rank,
-                           extra=dict(extra, sync=sync_state, comm=comm.comm_stats()))
+                           dict(meta, outer_wait_seconds=sync.wait_seconds, **({"layout": layout} if layout else {})),
+                           rank=rank, extra=dict(extra, sync=sync_state, comm=comm.comm_stats()), shared=shared_state)
 
 
 def latest_model_tag(stage):

@@ -1,104 +1,174 @@
-"""Tokenizing, rank-sharded, exactly resumable pretraining data loader.
+"""Tokenizing, rank-sharded, exactly resumable data loaders whose position does not depend on the number of ranks.
 
-Rank r of W reads the global row groups r, r+W, r+2W, ... of the split, prepends BOS to every document,
-concatenates the tokens and cuts (B, T) batches from the stream. The state yielded with each batch is
-tiny - which row group is being consumed, how far into its tokens, which epoch - so a resume re-reads one
-row group, skips the consumed tokens and continues with exactly the next batch.
+The data is a sequence of items (pretraining: row groups of the split; mid/SFT: conversations of the task),
+indexed globally across epochs: item i is item i % N of epoch i // N. Rank r of W reads the items r, r+W,
+r+2W, ... (a Cursor); pretraining and midtraining prepend BOS to every document, concatenate the tokens and
+cut (B, T) batches from the stream. The state yielded with each batch is tiny: the item being consumed and
+how far into its tokens, items handed to this rank but not started, and the next index on its stride.
+
+merge_loader_states() turns every rank's state into one global position (no item consumed twice, none
+skipped); a resume with any number of ranks hands the open items out round-robin and strides on from there.
+So a run can continue with fewer or more workers and still read every document at most once per epoch.
 """
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import get_dist_info
-from nanochat.dataset import parquets_iter_batched
+from nanochat.dataset import _open_shard, _split_files
 
 
-def tokenizing_distributed_data_loader(B, T, split, tokenizer=None, device="cpu", rank=None, world_size=None,
-                                       resume_state=None, tokenizer_threads=4):
-    assert split in ("train", "val"), "split must be 'train' or 'val'"
-    if tokenizer is None:
-        from nanochat.tokenizer import get_tokenizer
-        tokenizer = get_tokenizer()
-    if rank is None or world_size is None:
-        _, rank, _, world_size = get_dist_info()
-    bos = tokenizer.get_bos_token_id()
+class Cursor:
+    """Which global item indices rank `rank` of `world_size` reads: first the open items a resume handed it,
+    then its stride. state() is the position before the item it is given."""
+
+    def __init__(self, rank, world_size, resume_state=None):
+        """resume_state: a global position (merge_loader_states), dealt out over the ranks, or this rank's own
+        state from a run with the same number of ranks (continues exactly as that rank would have)."""
+        state = resume_state or {"next": 0, "open": []}
+        if "next" not in state:
+            raise ValueError("this loader state predates world-size-independent checkpoints (it has no global "
+                             "position): start the stage again without --resume")
+        if "world" in state:
+            if state["world"] != world_size:
+                raise ValueError(f"a per-rank loader state of {state['world']} ranks cannot resume {world_size}: "
+                                 f"pass the merged global position (merge_loader_states)")
+            self.queue, self.next = [tuple(item) for item in state["open"]], state["next"]
+        else:
+            self.queue = [tuple(item) for item in state["open"][rank::world_size]]
+            self.next = state["next"] + rank
+        self.world = world_size
+
+    def take(self):
+        """(index, tokens already consumed) of the next item."""
+        if self.queue:
+            return self.queue.pop(0)
+        index, self.next = self.next, self.next + self.world
+        return index, 0
+
+    def state(self, index, pos):
+        return {"open": [(index, pos), *self.queue], "next": self.next, "world": self.world}
+
+
+def fresh_loader_state(rank, world_size):
+    """The per-rank state of a loader that has read nothing yet."""
+    return {"open": [], "next": rank, "world": world_size}
+
+
+def merge_loader_states(states):
+    """One global position from every rank's state: the next index no rank has touched, and every item below
+    it that is not finished (a rank's own unstarted stride items included), in order."""
+    world = states[0]["world"]
+    nxt = max(s["next"] for s in states)
+    open_items = [tuple(item) for s in states for item in s["open"]]
+    for s in states:
+        open_items += [(i, 0) for i in range(s["next"], nxt, world)]
+    return {"next": nxt, "open": sorted(open_items)}
+
+
+def global_loader_state(state):
+    """Collective over the world: every rank's loader state merged (what a checkpoint saves)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return merge_loader_states([state])
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return merge_loader_states(states)
+
+
+class RowGroups:
+    """Random access to the split's row groups by global index (shards in order); keeps one shard open."""
+
+    def __init__(self, split):
+        self.files, self.starts, total = _split_files(split), [], 0
+        for path in self.files:
+            with _open_shard(path) as pf:
+                self.starts.append(total)
+                total += pf.num_row_groups
+        self.count, self.open_path, self.pf = total, None, None
+
+    def read(self, index):
+        shard = max(s for s in range(len(self.files)) if self.starts[s] <= index)
+        if self.files[shard] != self.open_path:
+            if self.pf is not None:
+                self.pf.close()
+            self.open_path, self.pf = self.files[shard], _open_shard(self.files[shard])
+        return self.pf.read_row_group(index - self.starts[shard], columns=["text"], use_threads=False).column("text").to_pylist()
+
+
+def _token_batches(cursor, tokens_of, B, T, device):
+    """(inputs, targets, state) batches cut from the concatenated tokens of the cursor's items."""
     needed = B * T + 1
     use_pinned = torch.device(device).type == "cuda"
-
-    state = resume_state or {"row_group": rank, "epoch": 0, "pos": 0}
-    row_group, epoch, pos = state["row_group"], state["epoch"], state["pos"]
-    assert row_group % world_size == rank, "resume state belongs to another rank"
-
-    def row_groups_from(start):
-        """(global row-group index, token list) from `start`, this rank's stride, wrapping into new epochs."""
-        nonlocal epoch
-        index = start
-        while True:
-            found = False
-            for docs in parquets_iter_batched(split, start=index, step=world_size):
-                found = True
-                tokens = [t for doc in tokenizer.encode(docs, prepend=bos, num_threads=tokenizer_threads) for t in doc]
-                yield index, tokens
-                index += world_size
-            if not found:
-                raise RuntimeError(f"the {split} split has no row group for rank {rank} of {world_size}: "
-                                   f"too little data for this many ranks")
-            epoch += 1
-            index = rank
-
-    source = row_groups_from(row_group)
-    row_group, tokens = next(source)
+    index, pos = cursor.take()
+    tokens = tokens_of(index)
     while True:
         batch = []
         while len(batch) < needed:
-            if pos == len(tokens):
-                row_group, tokens = next(source)
-                pos = 0
+            if pos >= len(tokens):
+                index, pos = cursor.take()
+                tokens = tokens_of(index)
+                continue
             take = min(needed - len(batch), len(tokens) - pos)
             batch.extend(tokens[pos:pos + take])
             pos += take
         buf = torch.tensor(batch, dtype=torch.long, pin_memory=use_pinned)
         inputs = buf[:-1].view(B, T).to(device, non_blocking=use_pinned)
         targets = buf[1:].view(B, T).to(device, non_blocking=use_pinned)
-        yield inputs, targets, {"row_group": row_group, "epoch": epoch, "pos": pos}
+        yield inputs, targets, cursor.state(index, pos)
 
 
-def conversation_stream_loader(task, tokenizer, B, T, device="cpu", rank=0, world_size=1):
-    """Midtraining batches: rank r renders conversations r, r+W, ... of `task` and packs their tokens into a
-    stream, like pretraining (every token is a target; the model learns the chat format itself). Loops
-    over the task forever; yields (inputs, targets, epoch)."""
-    needed = B * T + 1
-    buffer, epoch = [], 0
-    while True:
-        for index in range(rank, len(task), world_size):
-            ids, _ = tokenizer.render_conversation(task[index], max_tokens=T + 1)
-            buffer.extend(ids)
-            while len(buffer) >= needed:
-                buf = torch.tensor(buffer[:needed], dtype=torch.long)
-                del buffer[:needed]
-                yield buf[:-1].view(B, T).to(device), buf[1:].view(B, T).to(device), epoch
-        epoch += 1
+def tokenizing_distributed_data_loader(B, T, split, tokenizer=None, device="cpu", rank=None, world_size=None,
+                                       resume_state=None, tokenizer_threads=4):
+    """Pretraining batches over the split's row groups; resume_state: a global position (merge_loader_states)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if tokenizer is None:
+        from nanochat.tokenizer import get_tokenizer
+        tokenizer = get_tokenizer()
+    if rank is None or world_size is None:
+        _, rank, _, world_size = get_dist_info()
+    bos = tokenizer.get_bos_token_id()
+    row_groups = RowGroups(split)
+
+    def tokens_of(index):
+        docs = row_groups.read(index % row_groups.count)
+        return [t for doc in tokenizer.encode(docs, prepend=bos, num_threads=tokenizer_threads) for t in doc]
+
+    return _token_batches(Cursor(rank, world_size, resume_state), tokens_of, B, T, device)
 
 
-def conversation_padded_loader(task, tokenizer, B, T, device="cpu", rank=0, world_size=1):
-    """SFT batches: B whole conversations per batch (rank r takes r, r+W, ...), each truncated to T+1 tokens
-    and padded; only assistant-produced tokens (the render mask) are targets, the rest are -1. Loops
-    forever; yields (inputs, targets, epoch)."""
+def conversation_stream_loader(task, tokenizer, B, T, device="cpu", rank=0, world_size=1, resume_state=None):
+    """Midtraining batches: rank r renders conversations r, r+W, ... of `task` (global indices across epochs) and
+    packs their tokens into a stream, like pretraining (every token is a target; the model learns the chat
+    format itself). Loops over the task forever; yields (inputs, targets, state), state with "epoch" added."""
+    def tokens_of(index):
+        return tokenizer.render_conversation(task[index % len(task)], max_tokens=T + 1)[0]
+
+    for inputs, targets, state in _token_batches(Cursor(rank, world_size, resume_state), tokens_of, B, T, device):
+        yield inputs, targets, dict(state, epoch=state["open"][0][0] // len(task))
+
+
+def conversation_padded_loader(task, tokenizer, B, T, device="cpu", rank=0, world_size=1, resume_state=None):
+    """SFT batches: B whole conversations per batch (rank r takes r, r+W, ... by global index), each truncated
+    to T+1 tokens and padded; only assistant-produced tokens (the render mask) are targets, the rest are -1.
+    Loops forever; yields (inputs, targets, state): the position after the batch, with "epoch" added."""
     pad = tokenizer.get_bos_token_id()
-    rows, epoch = [], 0
+    cursor = Cursor(rank, world_size, resume_state)
     while True:
-        for index in range(rank, len(task), world_size):
-            rows.append(tokenizer.render_conversation(task[index], max_tokens=T + 1))
-            if len(rows) == B:
-                width = max(len(ids) for ids, _ in rows)
-                inputs = torch.full((B, width - 1), pad, dtype=torch.long)
-                targets = torch.full((B, width - 1), -1, dtype=torch.long)
-                for i, (ids, mask) in enumerate(rows):
-                    ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
-                    inputs[i, :len(ids) - 1] = ids_t[:-1]
-                    targets[i, :len(ids) - 1] = torch.where(mask_t[1:] == 1, ids_t[1:], -1)
-                rows = []
-                yield inputs.to(device), targets.to(device), epoch
-        epoch += 1
+        rows = []
+        while len(rows) < B:
+            index, done = cursor.take()
+            if done:  # a whole conversation is one unit: any recorded progress means it was trained on
+                continue
+            rows.append(tokenizer.render_conversation(task[index % len(task)], max_tokens=T + 1))
+        width = max(len(ids) for ids, _ in rows)
+        inputs = torch.full((B, width - 1), pad, dtype=torch.long)
+        targets = torch.full((B, width - 1), -1, dtype=torch.long)
+        for i, (ids, mask) in enumerate(rows):
+            ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+            inputs[i, :len(ids) - 1] = ids_t[:-1]
+            targets[i, :len(ids) - 1] = torch.where(mask_t[1:] == 1, ids_t[1:], -1)
+        yield inputs.to(device), targets.to(device), dict(cursor.state(index, 1), epoch=index // len(task))
 
 
 def count_conversation_tokens(task, tokenizer, T):

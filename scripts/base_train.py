@@ -14,11 +14,12 @@ import time
 import torch
 
 from diloco import add_sync_args, make_sync, make_worker_groups
+from diloco.membership import data_slot
 from nanochat import comm
 from nanochat.checkpoint import checkpoint_dir, restore_training, save_training
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init,
                              device_synchronize, exit_now, init_wandb, peak_flops, print0)
-from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.dataloader import fresh_loader_state, global_loader_state, tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -122,16 +123,24 @@ if args.sync == "diloco":
 # Resume
 model_tag = args.model_tag or f"d{args.depth}"
 ckpt_dir = checkpoint_dir("base", model_tag)
-start_step, loader_state, train_seconds = 0, None, 0.0
+layout = {"world_size": world_size, "workers": groups.num_workers}  # another layout resumes from the shared state
+start_step, loader_state, train_seconds = 0, fresh_loader_state(rank, world_size), 0.0
 val_bpb = min_val_bpb = float("nan")
 if args.resume:
-    start_step, meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank)
+    start_step, meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank, layout)
     loader_state, train_seconds = extra["loader"], meta["train_seconds"]
     val_bpb, min_val_bpb = meta["val_bpb"], meta["min_val_bpb"]
+elif args.elastic != "off":  # a joining worker continues at the step its peers are at (healed from one)
+    start_step = sync.inner_step
+# the loader's rank and world: under --elastic each worker reads its own slot of the data, whoever else is up
+slot, slots = data_slot(args) if args.elastic != "off" else (0, 1)
+data_rank, data_world = slot * world_size + rank, slots * world_size
+if args.elastic != "off" and not args.resume:
+    loader_state = fresh_loader_state(data_rank, data_world)
 train_model = torch.compile(model, dynamic=False) if (args.compile == 1 or (args.compile == -1 and device_type == "cuda")) else model
 
 train_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "train", tokenizer,
-                                                  device, resume_state=loader_state)
+                                                  device, rank=data_rank, world_size=data_world, resume_state=loader_state)
 x, y, state_after_x = next(train_loader)  # prefetch; loader_state = position before x
 
 
@@ -211,7 +220,8 @@ for step in range(start_step, num_iterations + 1):
                         "preset": preset, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "tokens": tokens_seen,
                         "train_seconds": train_seconds, "num_iterations": num_iterations, "world_size": world_size,
                         "sync": args.sync, **comm_figures()}
-                save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra={"loader": loader_state})
+                save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra={"loader": loader_state},
+                              shared={"loader": global_loader_state(loader_state)}, layout=layout)
     if at.stop:
         break
 

@@ -20,7 +20,8 @@ from nanochat import comm
 from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_training
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init,
                              device_synchronize, init_wandb, print0)
-from nanochat.dataloader import conversation_padded_loader, conversation_stream_loader, count_conversation_tokens
+from nanochat.dataloader import (conversation_padded_loader, conversation_stream_loader, count_conversation_tokens,
+                                 fresh_loader_state, global_loader_state)
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -108,16 +109,17 @@ def main(stage, argv=None):
         num_iterations = max(1, args.num_epochs * rows // examples_per_step)
     print0(f"{stage} from {args.source}/{source_meta['model_tag']} step {source_meta['step']} | {num_iterations} steps x "
            f"{examples_per_step} rows of {T} tokens | sync {args.sync}")
-    train_loader = s["loader"](mixture, tokenizer, B, T, device, rank, world_size)
-
     ckpt_dir = checkpoint_dir(stage, output_tag)
     metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
+    layout = {"world_size": world_size, "workers": groups.num_workers}  # another layout resumes from the shared state
     start_step, metrics, train_seconds, val_bpb = 0, [], 0.0, float("nan")
+    loader_state = fresh_loader_state(rank, world_size)
     comm.reset_comm_stats()
     if args.resume:
-        start_step, meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank)
-        for _ in range(extra["batches"]):  # the loaders are deterministic: replaying them restores their state
-            next(train_loader)
+        start_step, meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank, layout)
+        if "loader" not in extra:
+            raise SystemExit(f"--resume: {ckpt_dir} predates world-size-independent data positions: run without --resume")
+        loader_state = extra["loader"]
         metrics = metrics_until(metrics_path, start_step)
         train_seconds, val_bpb = meta["train_seconds"], meta["val_bpb"]
 
@@ -144,13 +146,15 @@ def main(stage, argv=None):
                 "inner_bytes": stats["inner"]["bytes"], "outer_bytes": stats["outer"]["bytes"],
                 "bytes_across_workers": stats["outer" if args.sync == "diloco" else "inner"]["bytes"],
                 "mixture": used, "missing": missing}
-        save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra={"batches": step * grad_accum_steps})
+        save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra={"loader": loader_state},
+                      shared={"loader": global_loader_state(loader_state)}, layout=layout)
         if master:
             with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(json.dumps(m) + "\n" for m in metrics)
             os.replace(metrics_path + ".tmp", metrics_path)
         return meta
 
+    train_loader = s["loader"](mixture, tokenizer, B, T, device, rank, world_size, resume_state=loader_state)
     for step in range(start_step, num_iterations + 1):
         at = plan(step, num_iterations, resumed_at=start_step if args.resume else None, stop_after=args.stop_after,
                   eval_every=args.eval_every, save_every=args.save_every)
@@ -167,7 +171,8 @@ def main(stage, argv=None):
         device_synchronize(device_type)
         t0 = time.time()
         for _ in range(grad_accum_steps):
-            x, y, epoch = next(train_loader)
+            x, y, loader_state = next(train_loader)
+            epoch = loader_state["epoch"]
             with autocast:  # mean over the batch's targets; an sft batch cut before any answer contributes 0
                 loss = train_model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
             (loss / grad_accum_steps).backward()

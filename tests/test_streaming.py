@@ -152,6 +152,11 @@ def _resume_case(rank, argv, stop):
     with sync.global_view():
         saved_model = {k: v.clone() for k, v in model.state_dict().items()}  # what a checkpoint's model.pt holds
         saved_sync = sync.state_dict()  # taken inside the view: still the worker's own weights
+        portable = sync.portable_state_dict()  # the layout-independent part (collective); marks what is in flight
+    if saved_sync["pending"]:
+        assert portable == {"mode": "diloco", "in_flight": sorted(saved_sync["pending"])}
+        with pytest.raises(ValueError, match="same layout"):
+            build(argv)[2].load_portable_state_dict(portable)
     saved_opt = opt.state_dict()
     in_flight = len(saved_sync["pending"])
     model, opt, sync = build(argv)  # a new process, as after a preemption
