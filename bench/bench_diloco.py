@@ -58,6 +58,9 @@ parser.add_argument("--overlap-delay-ms", type=float, default=300.0,
                     help="overlap check: short runs (H=2) with each outer collective slowed by this much, blocking "
                          "(tau 0) and overlapped (tau 1), against no delay (0: skip)")
 parser.add_argument("--overlap-steps", type=int, default=20, help="steps of each overlap-check run")
+parser.add_argument("--reuse", action="store_true",
+                    help="take an arm's figures from its finished checkpoint when it was run with the same flags "
+                         "(continues an interrupted bench; its wall time is then unknown)")
 parser.add_argument("--nproc", type=int, default=2, help="processes per arm (DDP ranks = DiLoCo workers)")
 parser.add_argument("--seed", type=int, default=1337)
 parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
@@ -99,7 +102,19 @@ def run_arm(name, sync, steps=None):
     """One training run under torchrun; returns its final checkpoint meta, metrics, wall time and exit code."""
     steps = steps or N
     tag = f"bench_{name}"
-    shutil.rmtree(checkpoint_dir("base", tag), ignore_errors=True)  # never read a previous run's figures
+    ckpt = checkpoint_dir("base", tag)
+    meta_path = os.path.join(ckpt, f"step_{steps:06d}", "meta.json")  # written last, atomically: complete if present
+    if args.reuse and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        flags = dict(zip(sync[::2], sync[1::2]))
+        want = {"num_iterations": steps, "seed": args.seed, "sync": flags["--sync"],
+                **{k.removeprefix("--").replace("-", "_"): v for k, v in flags.items() if k != "--sync"}}
+        if all(str(meta["user_config"].get(k)) == str(v) for k, v in want.items()):
+            print(f"  reusing the finished run in {ckpt}", flush=True)
+            with open(os.path.join(ckpt, "metrics.jsonl")) as f:
+                return meta, [json.loads(line) for line in f], float("nan"), 0
+    shutil.rmtree(ckpt, ignore_errors=True)  # never read a previous run's figures
     device = ["--device-type", args.device_type] if args.device_type else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={W}",
            "-m", "scripts.base_train", "--preset", "tiny", "--num-iterations", str(steps), "--seed", str(args.seed),
@@ -112,8 +127,6 @@ def run_arm(name, sync, steps=None):
     with open(log_path, "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
-    ckpt = checkpoint_dir("base", tag)
-    meta_path = os.path.join(ckpt, f"step_{steps:06d}", "meta.json")  # written last, atomically: complete if present
     if rc != 0 and not os.path.exists(meta_path):
         with open(log_path) as f:
             sys.stderr.write(f.read()[-3000:])

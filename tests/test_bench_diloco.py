@@ -56,3 +56,12 @@ def test_bench_reports_exact_bytes_and_ratio(base_dir, tmp_path):
     assert result["overhead"]["h"] == 2 and result["overhead"]["outer_syncs"] == 2
     table = (out / "diloco.md").read_text()
     assert "| diloco_h2_int8 |" in table and "FAIL" not in table
+
+    # --reuse continues an interrupted bench: finished arms with the same flags are read, not run again
+    proc = subprocess.run(cmd[:-len(TINY_MODEL)] + ["--reuse", "--overhead-rounds", "0", *TINY_MODEL], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("reusing the finished run") == 3
+    again = json.loads((out / "diloco.json").read_text())["arms"]
+    assert [(a["arm"], a["val_bpb"], a["bytes_across_workers"]) for a in again] == \
+        [(a["arm"], a["val_bpb"], a["bytes_across_workers"]) for a in result["arms"]]
