@@ -368,10 +368,11 @@ class DiLoCoSync:
         return out
 
     def portable_state_dict(self):
-        """Collective over the world. theta_global and the outer optimizer's per-element state (the momentum)
+        """Collective inside worker 0. theta_global and the outer optimizer's per-element state (the momentum)
         by parameter name, whole tensors, and the step counters: what a run with another number of workers
         or ranks per worker resumes from. Every worker holds the same outer state, so worker 0's ranks send
-        their owned pieces to rank 0, which returns the assembled dict (other ranks return None)."""
+        their owned pieces to rank 0 over the worker's own group (nothing crosses the link between workers),
+        which returns the assembled dict (other ranks return None)."""
         if self.pending:  # the same on every rank (the schedule is global): no rank enters the gather
             return {"mode": "diloco", "in_flight": sorted(self.pending)}
         pieces = []
@@ -383,10 +384,13 @@ class DiLoCoSync:
                     per_element = {k: v.cpu() for k, v in state.items() if torch.is_tensor(v) and v.shape == theta.shape}
                     scalars = {k: v for k, v in state.items() if k not in per_element}
                     pieces.append((name, lo, hi, theta.cpu(), per_element, scalars))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-            dist.gather_object(pieces, gathered, dst=0)
-            if dist.get_rank() != 0:
+        if self.groups.worker_id != 0:
+            return None  # every worker holds the same outer state: nothing crosses the slow link for a save
+        if self.groups.ranks_per_worker > 1:  # gathered inside worker 0 only (its fast links)
+            first = self.groups.global_rank(0, 0)
+            gathered = [None] * self.groups.ranks_per_worker if self.groups.local_index == 0 else None
+            dist.gather_object(pieces, gathered, dst=first, group=self.groups.inner)
+            if self.groups.local_index != 0:
                 return None
             pieces = [piece for rank_pieces in gathered for piece in rank_pieces]
         shapes = {name: p.shape for name, p in self.model.named_parameters()}
