@@ -25,7 +25,6 @@ With one worker nothing is communicated: this is the wrapper's own compute (pseu
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
