@@ -85,7 +85,7 @@ class TorchftMembership:
             flat = torch.cat([delta * weight, torch.tensor([float(weight)], device=delta.device)])
             k = self.manager.num_participants()
             # counted like comm's ring all-reduce (torchft's process group bypasses comm's wrappers)
-            with comm._counted(self, 2 * (k - 1) * flat.numel() * 4 // k if k > 1 else 0):
+            with comm.counted(self, 2 * (k - 1) * flat.numel() * 4 // k if k > 1 else 0):
                 self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
             if self.manager.should_commit():  # every peer finished the exchange: apply it
                 return None if flat[-1] == 0 else flat[:-1] / flat[-1]

@@ -60,8 +60,9 @@ def _nbytes(tensor):
 
 
 @contextmanager
-def _counted(group, wire_bytes):
-    """Time the collective run inside (plus any test delay) and count `wire_bytes` against the group's label."""
+def counted(group, wire_bytes):
+    """Time the collective run inside (plus any test delay) and count `wire_bytes` against the group's label.
+    Public for collectives that run outside this module (torchft's, in diloco/membership.py)."""
     label = group_label(group)
     t0 = time.perf_counter()
     delay = _delays.get(label, 0.0)
@@ -76,7 +77,7 @@ def all_reduce_mean(tensor, group=None):
     size = group_size(group)
     if size == 1:
         return tensor
-    with _counted(group, 2 * (size - 1) * _nbytes(tensor) // size):
+    with counted(group, 2 * (size - 1) * _nbytes(tensor) // size):
         if dist.get_backend(group) == "nccl":
             dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=group)
         else:
@@ -89,7 +90,7 @@ def all_reduce_sum(tensor, group=None):
     size = group_size(group)
     if size == 1:
         return tensor
-    with _counted(group, 2 * (size - 1) * _nbytes(tensor) // size):
+    with counted(group, 2 * (size - 1) * _nbytes(tensor) // size):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
@@ -98,7 +99,7 @@ def broadcast(tensor, src, group=None):
     size = group_size(group)
     if size == 1:
         return tensor
-    with _counted(group, (size - 1) * _nbytes(tensor) // size):
+    with counted(group, (size - 1) * _nbytes(tensor) // size):
         dist.broadcast(tensor, src=src, group=group)
     return tensor
 
@@ -109,7 +110,7 @@ def all_gather(tensor, group=None):
     if size == 1:
         return [tensor]
     out = [torch.empty_like(tensor) for _ in range(size)]
-    with _counted(group, (size - 1) * _nbytes(tensor)):
+    with counted(group, (size - 1) * _nbytes(tensor)):
         dist.all_gather(out, tensor, group=group)
     return out
 
@@ -122,7 +123,7 @@ def all_gather_into_tensor(output, input, group=None):
         return output
     # torch >= 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    with _counted(group, (size - 1) * _nbytes(input)):
+    with counted(group, (size - 1) * _nbytes(input)):
         gather(output.view(-1), input.reshape(-1), group=group)  # gloo wants matching flat shapes
     return output
 
@@ -133,7 +134,7 @@ def all_to_all_single(output, input, group=None):
     if size == 1:
         output.copy_(input)
         return output
-    with _counted(group, (size - 1) * _nbytes(input) // size):
+    with counted(group, (size - 1) * _nbytes(input) // size):
         dist.all_to_all_single(output, input, group=group)
     return output
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import get_dist_info
-from nanochat.dataset import _open_shard, _split_files
+from nanochat.dataset import open_shard, split_files
 
 
 class Cursor:
@@ -79,9 +79,9 @@ class RowGroups:
     """Random access to the split's row groups by global index (shards in order); keeps one shard open."""
 
     def __init__(self, split):
-        self.files, self.starts, total = _split_files(split), [], 0
+        self.files, self.starts, total = split_files(split), [], 0
         for path in self.files:
-            with _open_shard(path) as pf:
+            with open_shard(path) as pf:
                 self.starts.append(total)
                 total += pf.num_row_groups
         self.count, self.open_path, self.pf = total, None, None
@@ -91,7 +91,7 @@ class RowGroups:
         if self.files[shard] != self.open_path:
             if self.pf is not None:
                 self.pf.close()
-            self.open_path, self.pf = self.files[shard], _open_shard(self.files[shard])
+            self.open_path, self.pf = self.files[shard], open_shard(self.files[shard])
         return self.pf.read_row_group(index - self.starts[shard], columns=["text"], use_threads=False).column("text").to_pylist()
 
 

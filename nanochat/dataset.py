@@ -83,7 +83,7 @@ def _no_data_error(d):
                              f"(no network) or `python -m nanochat.dataset download -n 8` (Hugging Face)")
 
 
-def _split_files(split):
+def split_files(split):
     assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
     d = data_dir()
     files = list_parquet_files(d)
@@ -101,7 +101,7 @@ def _split_files(split):
     return files
 
 
-def _open_shard(path):
+def open_shard(path):
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
@@ -114,8 +114,8 @@ def parquets_iter_batched(split, start=0, step=1):
     start, start+step, ... over the split's shards in order (rank r of W passes start=r, step=W)."""
     assert start >= 0 and step >= 1
     first = 0  # global index of the current shard's first row group
-    for path in _split_files(split):
-        with _open_shard(path) as pf:
+    for path in split_files(split):
+        with open_shard(path) as pf:
             n = pf.num_row_groups
             r0 = start - first if first <= start else (start - first) % step  # first local index on our stride
             for r in range(r0, n, step):
