@@ -142,7 +142,7 @@ def run_arm(name, sync, steps=None):
 def model_params(meta):
     """The trained model's parameters, in order, as shapes only (meta tensors), from its saved config."""
     with torch.device("meta"):
-        return list(GPT(GPTConfig(**meta["model_config"])).parameters())
+        return list(GPT(GPTConfig.from_saved(meta["model_config"])).parameters())
 
 
 def fragment_codecs(compression, fragments, params):
@@ -178,7 +178,7 @@ def measure_overhead(meta, h, rounds):
     torch.set_num_threads(1)  # as one rank of the tiny preset
     device = torch.device(device_type)
     autocast = autocast_context(device_type)
-    cfg, u = GPTConfig(**meta["model_config"]), meta["user_config"]
+    cfg, u = GPTConfig.from_saved(meta["model_config"]), meta["user_config"]
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (2, u["device_batch_size"], cfg.sequence_len), generator=gen).to(device)
                for _ in range(4)]

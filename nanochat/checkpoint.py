@@ -186,7 +186,7 @@ def latest_model_tag(stage):
 
 def build_model(model_state, meta, device, phase="eval"):
     from nanochat.gpt import GPT, GPTConfig
-    config = GPTConfig(**meta["model_config"])
+    config = GPTConfig.from_saved(meta["model_config"])
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

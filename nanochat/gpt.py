@@ -2,11 +2,14 @@
 
 nanochat-style: rotary position embeddings, QK-norm, parameter-free RMSNorm, ReLU^2 MLP, no biases,
 untied token embedding and lm_head, grouped-query attention (n_kv_head <= n_head), logits soft-capped
-at 15 and computed in fp32. Matrices in the blocks train with Muon, embedding and lm_head with AdamW.
+at 15 and computed in fp32. Matrices in the blocks train with Muon, embeddings, lm_head and scalars with
+AdamW. The later additions (value embeddings, per-layer scalars, the previous-token gate, ...) are config
+switches, each measured on its own by bench/bench_model.py; a checkpoint saved before a switch existed
+loads with it off (GPTConfig.from_saved).
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -37,7 +40,6 @@ def softcapped_cross_entropy(x, weight, targets, chunk_rows=LOSS_CHUNK_ROWS):
     return torch.cat([torch.utils.checkpoint.checkpoint(_chunk_loss_sum, x[i:i + chunk_rows], weight,
                                                         targets[i:i + chunk_rows], use_reentrant=False)
                       for i in range(0, x.size(0), chunk_rows)])
-ROTARY_BASE = 10000.0
 ROTARY_LEN_MULT = 10  # rotary tables cover 10x sequence_len so generation can run past the training length
 
 
@@ -49,6 +51,28 @@ class GPTConfig:
     n_head: int = 6
     n_kv_head: int = 6
     n_embd: int = 768
+    value_embeds: bool = False  # ResFormer value embeddings added to v on alternate layers (the last included), gated per head
+    lambdas: bool = False  # learnable per-layer scale of the residual stream and blend-in of the input embedding x0
+    smear: bool = False  # a gated share of the previous token's embedding added to each position (cheap bigram)
+    backout: bool = False  # subtract a learned share of the mid-depth residual stream before the final norm
+    qk_scale: float = 1.0  # queries and keys multiplied by this after QK-norm (> 1: sharper attention)
+    rotary_base: float = 10000.0
+    init: str = "normal"  # "normal": N(0, fan-in scaled); "uniform": same std from U(-s, s), c_fc x0.4, wte std 0.8
+
+    @classmethod
+    def from_saved(cls, saved):
+        """The config of a checkpoint: fields it predates take the values of the model it was saved from."""
+        unknown = set(saved) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"checkpoint model config has fields {sorted(unknown)} this code does not know: it was "
+                             "saved by a newer nanochat-diloco; update the code to load it")
+        return cls(**{**LEGACY_FIELDS, **saved})
+
+
+# What a config saved before these fields existed meant (the first release's model).
+LEGACY_FIELDS = dict(value_embeds=False, lambdas=False, smear=False, backout=False, qk_scale=1.0,
+                     rotary_base=10000.0, init="normal")
+SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12  # leading channels of the input that drive the two gates
 
 
 def config_from_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim=128, n_kv_head=None):
@@ -83,10 +107,12 @@ class KVCache:
         self.head_dim, self.num_layers = head_dim, num_layers
         self.device, self.dtype = device, dtype
         self.k = self.v = None
+        self.prev_embedding = None  # (B, 1, C): the last position's input embedding, for the smear gate
         self.pos = 0
 
     def reset(self):
         self.pos = 0
+        self.prev_embedding = None
 
     def get_pos(self):
         return self.pos
@@ -125,6 +151,8 @@ class KVCache:
         for layer in range(self.num_layers):
             self.k[layer][:, :, :n] = other.k[layer][:, :, :n]
             self.v[layer][:, :, :n] = other.v[layer][:, :, :n]
+        if other.prev_embedding is not None:
+            self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
         self.pos = n
 
 
@@ -139,13 +167,22 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.qk_scale = config.qk_scale
+        self.ve_gate = None
+        if has_value_embeds(config, layer_idx):
+            self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache):
+    def forward(self, x, cos, sin, kv_cache, ve=None):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # per-head gate in (0, 3), driven by the input's leading channels
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        if self.qk_scale != 1.0:
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
@@ -182,20 +219,39 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache, ve=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, ve)
         return x + self.mlp(norm(x))
+
+
+def has_value_embeds(config, layer_idx):
+    """Value embeddings on every other layer, counted back from the last (which always has one)."""
+    return config.value_embeds and (config.n_layer - 1 - layer_idx) % 2 == 0
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        if config.init not in ("normal", "uniform"):
+            raise ValueError(f"GPTConfig.init must be 'normal' or 'uniform', not {config.init!r}")
+        C, L = config.n_embd, config.n_layer
+        if config.lambdas:  # registered first: the model's own parameters come before its submodules'
+            self.resid_lambdas = nn.Parameter(torch.ones(L))
+            self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        if config.smear:
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            wte=nn.Embedding(config.vocab_size, C),
+            h=nn.ModuleList([Block(config, i) for i in range(L)]),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        kv_dim = config.n_kv_head * (C // config.n_head)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                           for i in range(L) if has_value_embeds(config, i)})
+        self.smear_gate = nn.Linear(min(SMEAR_CHANNELS, C), 1, bias=False) if config.smear else None
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         # non-persistent: rebuilt by init_weights, so build on meta + to_empty + init_weights is safe
         cos, sin = self._rotary_tables()
         self.register_buffer("cos", cos, persistent=False)
@@ -203,23 +259,44 @@ class GPT(nn.Module):
 
     def _rotary_tables(self, device=None):
         head_dim = self.config.n_embd // self.config.n_head
-        inv_freq = ROTARY_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        inv_freq = self.config.rotary_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         t = torch.arange(self.config.sequence_len * ROTARY_LEN_MULT, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)[None, :, None, :]  # (1, T, 1, D/2) broadcasts over batch and heads
         return freqs.cos(), freqs.sin()
 
     @torch.no_grad()
     def init_weights(self):
-        """Embedding N(0, 1); lm_head small; projections into the residual stream zero so each block starts
-        as the identity; other matrices N(0, std) with std = fan_in^-0.5 * min(1, sqrt(fan_out/fan_in))."""
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        """Projections into the residual stream zero, so each block starts as the identity; lm_head small.
+        "normal": embedding N(0, 1), other matrices N(0, std), std = fan_in^-0.5 * min(1, sqrt(fan_out/fan_in)).
+        "uniform" (nanochat's later init): the same std 1/sqrt(width) from a uniform (no outliers), c_fc at 0.4x
+        of it, embedding N(0, 0.8). Value embeddings start like c_v, gates slightly open, scalars as below."""
+        c = self.config
+        bound = (3 / c.n_embd) ** 0.5  # U(-bound, bound) has std 1/sqrt(n_embd)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8 if c.init == "uniform" else 1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
-                fan_out, fan_in = lin.weight.shape
-                nn.init.normal_(lin.weight, mean=0.0, std=fan_in ** -0.5 * min(1.0, (fan_out / fan_in) ** 0.5))
+                if c.init == "uniform":
+                    b = bound * (0.4 if lin is block.mlp.c_fc else 1.0)
+                    nn.init.uniform_(lin.weight, -b, b)
+                else:
+                    fan_out, fan_in = lin.weight.shape
+                    nn.init.normal_(lin.weight, mean=0.0, std=fan_in ** -0.5 * min(1.0, (fan_out / fan_in) ** 0.5))
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -bound, bound)
+        if c.lambdas:  # early layers: a stronger residual and more of the input embedding blended back in
+            depth = torch.arange(c.n_layer, dtype=torch.float32, device=self.resid_lambdas.device) / max(c.n_layer - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth)
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth)
+        if c.smear:
+            nn.init.zeros_(self.smear_lambda)
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        if c.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
         cos, sin = self._rotary_tables(self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -232,28 +309,52 @@ class GPT(nn.Module):
 
     def estimate_flops(self):
         """FLOPs per token for forward + backward: 6 per non-embedding weight (lookups are free) plus attention
-        scores and values (12 * layers * heads * head_dim * seq_len, counting the full square as nanochat does)."""
+        scores and values (12 * layers * heads * head_dim * seq_len, counting the full square as nanochat does).
+        The per-layer scalars count as weights here: a few dozen, below rounding."""
         c = self.config
-        nparams = self.num_params() - self.transformer.wte.weight.numel()
+        lookups = self.transformer.wte.weight.numel() + sum(p.numel() for p in self.value_embeds.parameters())
+        nparams = self.num_params() - lookups
         return 6 * nparams + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         process_group=None):
-        """[AdamW for lm_head and embedding, Muon for the block matrices], both over `process_group`."""
+                         scalar_lr=0.5, adamw_betas="flat", muon_ortho="ns5", muon_beta2=None,
+                         muon_weight_decay=0.0, process_group=None):
+        """[AdamW for lm_head, embeddings and scalars; Muon for the block matrices], both over `process_group`.
+        weight_decay: AdamW's on lm_head and the embeddings (with adamw_betas="flat": one beta pair for all
+        groups; "nanochat": per-group betas and decays as nanochat tunes them). muon_*: see optim.Muon."""
+        if adamw_betas not in ("flat", "nanochat"):
+            raise ValueError(f"adamw_betas must be 'flat' or 'nanochat', not {adamw_betas!r}")
         matrix_params = list(self.transformer.h.parameters())
-        embedding_params = list(self.transformer.wte.parameters())
-        lm_head_params = list(self.lm_head.parameters())
-        assert len(list(self.parameters())) == len(matrix_params) + len(embedding_params) + len(lm_head_params)
         assert all(p.ndim == 2 for p in matrix_params), "Muon takes matrices only"
         scale = (self.config.n_embd / 768) ** -0.5  # AdamW lrs were tuned at width 768
-        adamw = AdamW([dict(params=lm_head_params, lr=unembedding_lr * scale),
-                       dict(params=embedding_params, lr=embedding_lr * scale)],
-                      betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, process_group=process_group)
-        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, process_group=process_group)
+        tuned = adamw_betas == "nanochat"
+        flat = dict(betas=(0.8, 0.95), weight_decay=weight_decay)
+        groups = [dict(params=list(self.lm_head.parameters()), lr=unembedding_lr * scale,
+                       **(dict(betas=(0.8, 0.96), weight_decay=0.01) if tuned else flat)),
+                  dict(params=list(self.transformer.wte.parameters()), lr=embedding_lr * scale,
+                       **(dict(betas=(0.8, 0.995), weight_decay=0.001) if tuned else flat))]
+        if self.value_embeds:
+            groups.append(dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * scale * 0.5,
+                               **(dict(betas=(0.8, 0.995), weight_decay=0.01) if tuned else flat)))
+        if self.config.lambdas:  # the residual scales move slowly; x0's blend with a longer memory
+            groups.append(dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01,
+                               **(dict(betas=(0.8, 0.95), weight_decay=0.05) if tuned else flat)))
+            groups.append(dict(params=[self.x0_lambdas], lr=scalar_lr,
+                               **(dict(betas=(0.96, 0.95), weight_decay=0.0) if tuned else flat)))
+        gates = [p for p in (self.smear_gate.weight if self.smear_gate is not None else None,
+                             getattr(self, "smear_lambda", None), getattr(self, "backout_lambda", None)) if p is not None]
+        if gates:
+            groups.append(dict(params=gates, lr=0.2, betas=(0.8, 0.95), weight_decay=0.0))
+        grouped = sum(len(g["params"]) for g in groups) + len(matrix_params)
+        assert grouped == len(list(self.parameters())), "a parameter is in no optimizer group"
+        adamw = AdamW(groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, process_group=process_group)
+        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, ortho=muon_ortho, beta2=muon_beta2,
+                    weight_decay=muon_weight_decay, process_group=process_group)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
+                group["initial_weight_decay"] = group["weight_decay"]
         return optimizers
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
@@ -263,9 +364,20 @@ class GPT(nn.Module):
         if t0 + T > self.cos.size(1):
             raise ValueError(f"position {t0 + T} beyond the rotary tables ({self.cos.size(1)}); raise sequence_len")
         cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        c = self.config
         x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        if c.smear:
+            x = self._smear(x, kv_cache)
+        x0, x_mid = x, None
+        for i, block in enumerate(self.transformer.h):
+            if c.lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos, sin, kv_cache, ve)
+            if i == c.n_layer // 2:
+                x_mid = x
+        if c.backout:
+            x = x - self.backout_lambda * x_mid
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
@@ -275,6 +387,20 @@ class GPT(nn.Module):
         if loss_reduction == "none":
             return losses.view(B, T)
         return losses.sum() / (targets != -1).sum()  # mean over the targets, as F.cross_entropy's "mean"
+
+    def _smear(self, x, kv_cache):
+        """x[t] += smear_lambda * sigmoid(gate(x[t])) * x[t-1] over the input embeddings; with a KV cache the
+        previous position may be the last one of an earlier forward pass (decoding one token at a time)."""
+        prev = x[:, :-1]
+        if kv_cache is not None:
+            last, kv_cache.prev_embedding = kv_cache.prev_embedding, x[:, -1:]
+            if last is not None:
+                prev = torch.cat([last.to(x.dtype), prev], dim=1)
+        if prev.size(1) == 0:
+            return x
+        head = x[:, x.size(1) - prev.size(1):]  # the positions that have a predecessor
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(head[..., :self.smear_gate.in_features]))
+        return torch.cat([x[:, :x.size(1) - prev.size(1)], head + gate * prev], dim=1)
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

@@ -45,12 +45,60 @@ def zeropower_via_newtonschulz5(G, steps):
     return X if wide else X.mT
 
 
-class Muon(torch.optim.Optimizer):
-    """Nesterov momentum SGD whose update for each matrix is orthogonalised (Newton-Schulz) and scaled by
-    sqrt(max(1, rows/cols)). For 2D parameters only."""
+# Polar Express (Amsel et al., arXiv 2505.16932): one (a, b, c) per iteration, chosen for 5 iterations with
+# safety factor 2e-2 and cushion 2, so each step pushes singular values towards 1 as far as is safe.
+POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, process_group=None):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+def polar_express(G, steps):
+    """Orthogonalise G (..., m, n) as zeropower_via_newtonschulz5 does, with per-iteration coefficients that
+    converge closer to the polar factor in the same number of matrix products."""
+    assert G.ndim >= 2 and steps <= len(POLAR_EXPRESS)
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    wide = X.size(-2) <= X.size(-1)
+    if not wide:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)  # the coefficients assume a norm just below 1
+    for a, b, c in POLAR_EXPRESS[:steps]:
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X if wide else X.mT
+
+
+ORTHO = {"ns5": zeropower_via_newtonschulz5, "polar": polar_express}
+
+
+def normalized_per_neuron(U, buf, beta2):
+    """NorMuon (arXiv 2510.05491): an orthogonalised update's rows (columns, for a wide matrix) come out with
+    uneven scales; divide each by the square root of a running mean of its squared entries (`buf`, updated in
+    place), then rescale so the whole update keeps its Frobenius norm. U: (n, rows, cols)."""
+    dim = -1 if U.size(-2) >= U.size(-1) else -2  # average along the short side: one statistic per neuron
+    sq = U.float().square().mean(dim=dim, keepdim=True)
+    buf.lerp_(sq, 1 - beta2)
+    scaled = U.float() * buf.clamp_min(1e-10).rsqrt()
+    norm_before = U.float().norm(dim=(-2, -1), keepdim=True)
+    return scaled * (norm_before / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum SGD whose update for each matrix is orthogonalised and scaled by
+    sqrt(max(1, rows/cols)). For 2D parameters only.
+    ortho: "ns5" (the quintic Newton-Schulz of nanochat's first release) or "polar" (Polar Express).
+    beta2: None, or NorMuon's per-neuron normalisation with this running-average coefficient.
+    weight_decay: cautious decoupled decay, p -= lr * wd * p only where the update and p agree in sign."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ortho="ns5", beta2=None,
+                 weight_decay=0.0, process_group=None):
+        if ortho not in ORTHO:
+            raise ValueError(f"Muon ortho must be one of {sorted(ORTHO)}, not {ortho!r}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ortho=ortho,
+                                      beta2=beta2, weight_decay=weight_decay))
         self.process_group = process_group
 
     @torch.no_grad()
@@ -71,10 +119,24 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"]
                     buf.lerp_(p.grad, 1 - momentum)
                     updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
-                ortho = zeropower_via_newtonschulz5(torch.stack(updates), group["ns_steps"])
+                # .get: optimizer states saved before these options existed load without them
+                ortho = ORTHO[group.get("ortho", "ns5")](torch.stack(updates), group["ns_steps"])
+                if group.get("beta2") is not None:
+                    for p in params:
+                        if "second_momentum" not in self.state[p]:
+                            side = (shape[-2], 1) if shape[-2] >= shape[-1] else (1, shape[-1])
+                            self.state[p]["second_momentum"] = torch.zeros(side, device=p.device, dtype=torch.float32)
+                    bufs = torch.stack([self.state[p]["second_momentum"] for p in params])
+                    ortho = normalized_per_neuron(ortho, bufs, group["beta2"])
+                    for p, b in zip(params, bufs):
+                        self.state[p]["second_momentum"].copy_(b)
                 lr = group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5
+                wd = group.get("weight_decay", 0.0)
                 for p, u in zip(params, ortho):
-                    p.add_(u.to(p.dtype), alpha=-lr)
+                    u = u.to(p.dtype)
+                    if wd:
+                        p.sub_(p * ((u * p) >= 0), alpha=lr * wd)
+                    p.add_(u, alpha=-lr)
 
 
 class AdamW(torch.optim.Optimizer):

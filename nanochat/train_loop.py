@@ -22,19 +22,38 @@ def scale_initial_lrs(optimizers, frac):
             group["lr"] = group["initial_lr"]
 
 
-def muon_momentum(step):
-    """nanochat's warmup of Muon's momentum from 0.85 to 0.95 over the first 300 steps of a fresh optimizer."""
-    frac = min(step / 300, 1)
-    return (1 - frac) * 0.85 + frac * 0.95
+def lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
+    """Linear warmup, constant, then a linear warmdown to final_lr_frac over the last warmdown_ratio of steps."""
+    warmup, warmdown = round(warmup_ratio * num_steps), round(warmdown_ratio * num_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_steps - warmdown:
+        return 1.0
+    return (num_steps - step) / warmdown * (1 - final_lr_frac) + final_lr_frac
 
 
-def set_schedule(optimizers, lrm, momentum=None):
-    """Every group's lr = initial_lr * lrm; Muon's momentum too, when given."""
+def muon_momentum(step, num_steps=None, warmdown_ratio=0.0, peak=0.95, final=0.90):
+    """Muon's momentum warms up from 0.85 to `peak` over the first 300 steps of a fresh optimizer (nanochat's
+    first release); with num_steps and warmdown_ratio > 0 it then falls linearly to `final` over the lr
+    warmdown (less momentum, less noise carried into the annealed weights)."""
+    warm = lambda s: 0.85 + (peak - 0.85) * min(s / 300, 1)
+    start = num_steps - round(warmdown_ratio * num_steps) if num_steps and warmdown_ratio > 0 else None
+    if start is None or step < start:
+        return warm(step)
+    progress = (step - start) / max(num_steps - start, 1)
+    return warm(start) * (1 - progress) + final * progress
+
+
+def set_schedule(optimizers, lrm, momentum=None, wd_frac=None):
+    """Every group's lr = initial_lr * lrm; Muon's momentum and weight decay (initial * wd_frac) when given."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-            if momentum is not None and isinstance(opt, Muon):
-                group["momentum"] = momentum
+            if isinstance(opt, Muon):
+                if momentum is not None:
+                    group["momentum"] = momentum
+                if wd_frac is not None:
+                    group["weight_decay"] = group.get("initial_weight_decay", group["weight_decay"]) * wd_frac
 
 
 def plan(step, num_steps, resumed_at=None, stop_after=-1, eval_every=0, sample_every=0, save_every=0):

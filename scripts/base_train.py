@@ -24,7 +24,7 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.train_loop import metrics_until, muon_momentum, on_theta_global, plan, set_schedule
+from nanochat.train_loop import lr_multiplier, metrics_until, muon_momentum, on_theta_global, plan, set_schedule
 
 # Presets: "tiny" learns visibly in minutes on 2 CPU cores; "d20" is nanochat's 8xH100 speedrun model.
 PRESETS = {
@@ -144,15 +144,6 @@ train_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.m
 x, y, state_after_x = next(train_loader)  # prefetch; loader_state = position before x
 
 
-def lr_multiplier(it):
-    warmup, warmdown = round(args.warmup_ratio * num_iterations), round(args.warmdown_ratio * num_iterations)
-    if it < warmup:
-        return (it + 1) / warmup
-    if it <= num_iterations - warmdown:
-        return 1.0
-    return (num_iterations - it) / warmdown * (1 - args.final_lr_frac) + args.final_lr_frac
-
-
 def evaluate():
     model.eval()
     val_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "val", tokenizer, device)
@@ -234,7 +225,7 @@ for step in range(start_step, num_iterations + 1):
         (loss / grad_accum_steps).backward()
         loader_state = state_after_x
         x, y, state_after_x = next(train_loader)
-    lrm = lr_multiplier(step)
+    lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     set_schedule(optimizers, lrm, muon_momentum(step))
     sync.step()
     device_synchronize(device_type)

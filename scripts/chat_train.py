@@ -25,7 +25,8 @@ from nanochat.dataloader import (conversation_padded_loader, conversation_stream
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from nanochat.train_loop import metrics_until, muon_momentum, on_theta_global, plan, scale_initial_lrs, set_schedule
+from nanochat.train_loop import (lr_multiplier, metrics_until, muon_momentum, on_theta_global, plan, scale_initial_lrs,
+                                 set_schedule)
 from tasks.mixtures import training_mixture, validation_task
 
 STAGES = {
@@ -123,11 +124,8 @@ def main(stage, argv=None):
         metrics = metrics_until(metrics_path, start_step)
         train_seconds, val_bpb = meta["train_seconds"], meta["val_bpb"]
 
-    def lr_multiplier(it):
-        if stage == "sft":
-            return 1.0 - it / num_iterations  # linear decay to zero
-        warmdown = max(1, round(0.2 * num_iterations))  # constant, then the last 20 % decays to zero
-        return 1.0 if it < num_iterations - warmdown else (num_iterations - it) / warmdown
+    def lrm_at(it):  # sft: a linear decay to zero; mid: constant, then the last 20 % decays to zero
+        return 1.0 - it / num_iterations if stage == "sft" else lr_multiplier(it, num_iterations, 0.0, 0.2, 0.0)
 
     def evaluate():
         """bits per byte of the held-out conversations' target tokens (sft: the assistant's only)"""
@@ -176,7 +174,7 @@ def main(stage, argv=None):
             with autocast:  # mean over the batch's targets; an sft batch cut before any answer contributes 0
                 loss = train_model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
             (loss / grad_accum_steps).backward()
-        lrm = lr_multiplier(step)
+        lrm = lrm_at(step)
         # mid restarts Muon from an empty momentum buffer at the full pretraining lr, so it warms the momentum up
         # as base does (and nanochat's mid_train); sft starts at 2 % of that lr and nanochat keeps 0.95 there
         set_schedule(optimizers, lrm, muon_momentum(step) if stage == "mid" else None)

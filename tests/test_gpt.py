@@ -9,6 +9,9 @@ torch.set_num_threads(1)
 
 MHA = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=4, n_embd=32)
 GQA = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+# every later switch on: value embeddings and the smear gate carry state across KV-cache steps
+FULL = GPTConfig(sequence_len=32, vocab_size=97, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, value_embeds=True,
+                 lambdas=True, smear=True, backout=True, qk_scale=1.2, rotary_base=100000.0, init="uniform")
 
 
 def build(config, seed=0):
@@ -24,7 +27,9 @@ def randomized(config, seed=0):
     model = build(config, seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "wte" not in name:
+            if p.ndim == 1:  # per-layer scalars and gates' strengths: clearly non-neutral
+                p.uniform_(0.3, 0.8)
+            elif "wte" not in name:
                 p.normal_(0.0, p.size(1) ** -0.5)
     return model.eval()
 
@@ -107,9 +112,9 @@ def test_gqa_equals_mha_with_shared_kv_heads():
     torch.testing.assert_close(mha(idx), gqa(idx), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [MHA, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("config", [MHA, GQA, FULL], ids=["mha", "gqa", "full"])
 def test_kv_cache_greedy_equals_full_recompute(config):
-    model = randomized(config)
+    model = randomized(config, seed=1)
     prompt = [5, 17, 3, 88, 42, 9]
     ids = list(prompt)
     full_logits = []
@@ -131,7 +136,7 @@ def test_kv_cache_greedy_equals_full_recompute(config):
     assert cache.get_pos() == len(prompt) + len(generated) - 1
 
 
-@pytest.mark.parametrize("config", [MHA, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("config", [MHA, GQA, FULL], ids=["mha", "gqa", "full"])
 def test_kv_cache_prefill_broadcasts_to_batch(config):
     """One batch-1 prefill shared by 3 samples, which then continue with different tokens."""
     model = randomized(config)
@@ -150,7 +155,7 @@ def test_kv_cache_prefill_broadcasts_to_batch(config):
                 torch.testing.assert_close(step[b], full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("config", [MHA, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("config", [MHA, GQA, FULL], ids=["mha", "gqa", "full"])
 def test_kv_cache_chunked_prefill(config):
     """Chunks after a prefix see the whole prefix and are causal within themselves."""
     model = randomized(config)
@@ -195,6 +200,42 @@ def test_sampling_is_seeded_and_top_k_restricts():
     top2 = set(first.topk(2).indices.tolist())
     for seed in range(10):
         assert next(model.generate([1, 2, 3], max_tokens=1, top_k=2, seed=seed)) in top2
+
+
+def test_switches_off_are_the_first_release_model_and_old_checkpoints_load_so():
+    """A config saved before the switches existed means all of them off; with them off the model has exactly the
+    first release's parameters. A config from a newer version fails with a message saying so."""
+    saved = dict(sequence_len=32, vocab_size=97, n_layer=3, n_head=4, n_kv_head=2, n_embd=32)
+    old = GPTConfig.from_saved(saved)
+    assert not (old.value_embeds or old.lambdas or old.smear or old.backout)
+    assert (old.qk_scale, old.rotary_base, old.init) == (1.0, 10000.0, "normal")
+    names = [n for n, _ in GPT(old).named_parameters()]
+    assert names == ["transformer.wte.weight"] + [f"transformer.h.{i}.{m}.weight" for i in range(3) for m in (
+        "attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")] + ["lm_head.weight"]
+    assert GPTConfig.from_saved(dict(saved, smear=True)).smear
+    with pytest.raises(ValueError, match="newer nanochat-diloco"):
+        GPTConfig.from_saved(dict(saved, window_pattern="SSSL"))
+
+
+def test_full_model_parameters_and_optimizer_groups():
+    model = build(FULL)
+    # value embeddings on layers 2 and 0 (alternate, counted back from the last), gates of 12 channels
+    assert sorted(model.value_embeds) == ["0", "2"] and model.value_embeds["0"].weight.shape == (97, 16)
+    assert [b.attn.ve_gate is not None for b in model.transformer.h] == [True, False, True]
+    assert model.transformer.h[0].attn.ve_gate.weight.shape == (2, 12)
+    assert model.resid_lambdas.tolist() == pytest.approx([1.15, 1.10, 1.05])
+    assert model.x0_lambdas.tolist() == pytest.approx([0.20, 0.125, 0.05])
+    assert model.smear_lambda.item() == 0.0 and model.backout_lambda.item() == pytest.approx(0.2)
+    adamw, muon = model.setup_optimizers(adamw_betas="nanochat", muon_weight_decay=0.2)
+    groups = {id(p): g for g in adamw.param_groups for p in g["params"]}
+    assert groups[id(model.x0_lambdas)]["betas"] == (0.96, 0.95)
+    assert groups[id(model.transformer.wte.weight)]["betas"] == (0.8, 0.995)
+    assert groups[id(model.value_embeds["0"].weight)]["lr"] == pytest.approx(groups[id(model.transformer.wte.weight)]["lr"] / 2)
+    assert {id(p) for p in muon.param_groups[0]["params"]} == {id(p) for p in model.transformer.h.parameters()}
+    assert muon.param_groups[0]["weight_decay"] == muon.param_groups[0]["initial_weight_decay"] == 0.2
+    # lookups cost no FLOPs: the value embeddings are left out like the token embedding
+    lookups = 97 * 32 + 2 * 97 * 16
+    assert model.estimate_flops() == 6 * (model.num_params() - lookups) + 12 * 3 * 4 * 8 * 32
 
 
 def test_num_params_and_flops_known_values():

@@ -1,0 +1,406 @@
+"""
+Model and optimizer ablation: val bpb at equal tokens and tokens/s for today's model, each candidate change
+added to it alone, and the kept changes together, over several seeds; optionally karpathy/nanochat's current
+model and optimizer trained on the very same batches, for a side-by-side.
+
+    python -m bench.bench_model                                   # tiny shape (depth 2, width 128), 60 steps, 3 seeds
+    python -m bench.bench_model --shape d4w256 --steps 30         # the second CPU shape
+    python -m bench.bench_model --nanochat ~/src/nanochat         # add nanochat main (a checkout of its repo)
+    python -m bench.bench_model --variants base,ve,all --seeds 1  # a subset
+
+Every run trains from scratch in its own process (one thread; --jobs of them at once) on fixed batches cut
+from the offline pretraining shards: steps x 8,192 tokens of sequence 256, a different slice of the train
+split per seed (seed s also seeds the init), the same val batches for all. Val bpb is computed here, one
+formula for every arm. Tokens/s is measured apart, after the bpb runs, with the machine's threads: every
+variant built in one process and stepped in rotating order, so each sees the same machine; the median per
+variant is reported (nanochat: its own process, alternating with ours in rounds). Peak RSS is the bpb run's.
+
+A change is kept when it lowers the mean val bpb by more than two standard errors of the difference (seed
+noise) and costs at most 3 % tokens/s. Results are cached per run (--fresh to redo) in
+~/.cache/nanochat/bench/model/<shape>/ with a markdown table written next to them.
+
+nanochat's arm (its gpt.py and optim.py imported from the checkout, never copied): GPTConfig of the same
+shape (its default window pattern), setup_optimizer with our tiny preset's learning rates, its schedules as
+its base_train writes them (warmdown 0.65 to 0.05, Muon momentum 0.85 -> 0.97 -> 0.90, weight decay 0.28
+decaying as a cosine), no warmup (as ours), eager (TORCHDYNAMO_DISABLE=1: no compile on either side).
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = {"tiny": dict(depth=2, width=128, head_dim=64), "d4w256": dict(depth=4, width=256, head_dim=64)}
+SEQ, BATCH_TOKENS, VAL_BATCHES = 256, 8192, 8
+LRS = dict(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)  # the tiny preset's (scripts/base_train.py)
+NANOCHAT_WD = 0.28  # nanochat's --weight-decay, tuned at its d12 reference
+
+# The first release's model and optimizer ("base", spelt out so that it stays itself whatever the defaults become),
+# and each candidate as what it changes: GPTConfig fields, setup_optimizers arguments, schedule (lr warmdown ratio
+# and final fraction, Muon momentum peaking at 0.97 and falling to 0.90 in the warmdown, Muon decay as a cosine).
+BASE_OPTIM = dict(adamw_betas="flat", muon_ortho="ns5", muon_beta2=None, muon_weight_decay=0.0)
+BASE_SCHEDULE = dict(warmdown=0.2, final_lr=0.0, momentum=False, wd_cosine=False)
+CANDIDATES = {
+    "ve": ("value embeddings (alternate layers, gated)", dict(config=dict(value_embeds=True))),
+    "lambdas": ("per-layer residual and x0 scalars", dict(config=dict(lambdas=True))),
+    "smear": ("previous-token gate", dict(config=dict(smear=True))),
+    "backout": ("mid-layer backout", dict(config=dict(backout=True))),
+    "qk": ("query/key x1.2 after QK-norm", dict(config=dict(qk_scale=1.2))),
+    "rope": ("rotary base 100k", dict(config=dict(rotary_base=100000.0))),
+    "init": ("uniform init, c_fc x0.4, wte 0.8", dict(config=dict(init="uniform"))),
+    "polar": ("Polar Express orthogonalisation", dict(optim=dict(muon_ortho="polar"))),
+    "normuon": ("NorMuon per-neuron normalisation", dict(optim=dict(muon_beta2=0.9))),
+    "cwd": ("cautious weight decay in Muon (0.28, cosine)", dict(optim=dict(muon_weight_decay=NANOCHAT_WD),
+                                                               schedule=dict(wd_cosine=True))),
+    "adamw": ("per-group AdamW betas and decay", dict(optim=dict(adamw_betas="nanochat"))),
+    "momentum": ("Muon momentum to 0.97, down to 0.90 in warmdown", dict(schedule=dict(momentum=True))),
+    "lrsched": ("lr warmdown 65 % to 0.05", dict(schedule=dict(warmdown=0.65, final_lr=0.05))),
+}
+
+
+def variant_spec(name, keep):
+    """The full spec of a variant: base + one candidate, or base + every kept candidate ("all")."""
+    from nanochat.gpt import LEGACY_FIELDS
+    names = keep if name == "all" else ([] if name == "base" else [name])
+    spec = dict(config=dict(LEGACY_FIELDS), optim=dict(BASE_OPTIM), schedule=dict(BASE_SCHEDULE))
+    for n in names:
+        for k, v in CANDIDATES[n][1].items():
+            spec[k].update(v)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one run (a child process): train on the cached batches, return val bpb, step times, peak RSS
+
+def bits_per_byte(model, val_x, val_y, token_bytes):
+    nats = nbytes = 0.0
+    with torch.no_grad():
+        for x, y in zip(val_x, val_y):
+            loss = model(x, y, loss_reduction="none").view(-1).double()
+            b = token_bytes[y.view(-1)]
+            nats += (loss * (b > 0)).sum().item()
+            nbytes += b.sum().item()
+    return nats / (math.log(2) * nbytes)
+
+
+def run_one(job):
+    torch.set_num_threads(job["threads"])
+    data = torch.load(job["batches"])
+    seed, steps = job["seed"], job["steps"]
+    shape = SHAPES[job["shape"]]
+    per_step = BATCH_TOKENS // SEQ
+    train = data["train"][seed * steps * per_step:(seed + 1) * steps * per_step].long()
+    if train.size(0) < steps * per_step:
+        raise SystemExit(f"cached batches hold too few rows for seed {seed}: rerun with --fresh")
+    vocab = data["vocab_size"]
+    torch.manual_seed(1000 + seed)
+    if job["variant"] == "nanochat":
+        model, opts, set_sched = build_nanochat(job, shape, vocab, steps)
+    else:
+        model, opts, set_sched = build_ours(job, shape, vocab, steps)
+    times, losses = [], []
+    for step in range(steps):
+        set_sched(step)
+        rows = train[step * per_step:(step + 1) * per_step]
+        t0 = time.perf_counter()
+        loss = model(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+        loss.backward()
+        for opt in opts:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            break
+    model.eval()
+    val = data["val"].long()
+    bpb = bits_per_byte(model, val[:, :, :-1].contiguous(), val[:, :, 1:].contiguous(), data["token_bytes"])
+    return dict(bpb=bpb, step_s=statistics.median(times[2:]) if len(times) > 2 else times[-1],
+                final_loss=losses[-1], losses=losses, rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def model_config(shape, vocab, overrides):
+    from nanochat.gpt import config_from_depth
+    c = config_from_depth(shape["depth"], vocab, SEQ, aspect_ratio=shape["width"] // shape["depth"],
+                          head_dim=shape["head_dim"])
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def build_ours(job, shape, vocab, steps):
+    from nanochat.gpt import GPT
+    from nanochat.train_loop import lr_multiplier, muon_momentum, set_schedule
+    spec = variant_spec(job["variant"], job["keep"])
+    model = GPT(model_config(shape, vocab, spec["config"]))
+    model.init_weights()
+    opts = model.setup_optimizers(**LRS, **spec["optim"])
+    s = spec["schedule"]
+
+    def set_sched(step):
+        mom = muon_momentum(step, steps, s["warmdown"], peak=0.97) if s["momentum"] else muon_momentum(step)
+        wd = 0.5 * (1 + math.cos(math.pi * step / steps)) if s["wd_cosine"] else None
+        set_schedule(opts, lr_multiplier(step, steps, 0.0, s["warmdown"], s["final_lr"]), mom, wd)
+    return model, opts, set_sched
+
+
+def build_nanochat(job, shape, vocab, steps):
+    """karpathy/nanochat's model and optimizer from a checkout (its package shadows ours in this process)."""
+    sys.path.insert(0, job["nanochat"])
+    from nanochat.gpt import GPT, GPTConfig  # theirs
+    width = shape["width"]
+    cfg = GPTConfig(sequence_len=SEQ, vocab_size=vocab, n_layer=shape["depth"], n_head=width // shape["head_dim"],
+                    n_kv_head=width // shape["head_dim"], n_embd=width)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    opt = model.setup_optimizer(**LRS, scalar_lr=0.5, weight_decay=NANOCHAT_WD)
+    warmdown = round(0.65 * steps)
+
+    def set_sched(step):  # as its scripts/base_train.py, with no warmup
+        if step <= steps - warmdown:
+            lrm = 1.0
+        else:
+            progress = (steps - step) / warmdown
+            lrm = progress + (1 - progress) * 0.05
+        frac = min(step / 400, 1)
+        mom = (1 - frac) * 0.85 + frac * 0.97
+        if step >= steps - warmdown:
+            progress = (step - (steps - warmdown)) / warmdown
+            mom = 0.97 * (1 - progress) + 0.90 * progress
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = mom
+                group["weight_decay"] = NANOCHAT_WD * 0.5 * (1 + math.cos(math.pi * step / steps))
+    return model, [opt], set_sched
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the driver
+
+def prepare_batches(path, steps, seeds):
+    """Train rows for every seed's slice and the val rows, tokenized once with our tokenizer."""
+    from nanochat.dataloader import tokenizing_distributed_data_loader
+    from nanochat.tokenizer import get_token_bytes, get_tokenizer
+    try:
+        tokenizer, token_bytes = get_tokenizer(), get_token_bytes()
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e} (the offline data and tokenizer: `bash speedrun.sh compare` prepares both)")
+    per_step = BATCH_TOKENS // SEQ
+    print(f"tokenizing {steps * seeds * per_step * SEQ:,} train and {VAL_BATCHES * BATCH_TOKENS:,} val tokens...", flush=True)
+
+    def rows(split, n):
+        out = []
+        for x, y, *_ in tokenizing_distributed_data_loader(per_step, SEQ, split, tokenizer, rank=0, world_size=1):
+            out.append(torch.cat([x, y[:, -1:]], dim=1).to(torch.int32))  # SEQ + 1 tokens per row
+            if len(out) == n:
+                return torch.cat(out) if split == "train" else torch.stack(out)
+    data = dict(train=rows("train", steps * seeds), val=rows("val", VAL_BATCHES), token_bytes=token_bytes,
+                vocab_size=tokenizer.get_vocab_size())
+    tmp = path + ".tmp"
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+
+
+def launch(job):
+    env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), TORCHDYNAMO_DISABLE="1")
+    return subprocess.Popen([sys.executable, "-m", "bench.bench_model", "--run-one", json.dumps(job)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def collect(proc, job):
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"run {job['variant']} seed {job['seed']} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_all(jobs, results, results_path, parallel):
+    """Run the jobs not cached yet, `parallel` at a time, saving results after each."""
+    todo = [j for j in jobs if key(j) not in results]
+    running = []
+    t_start = time.time()
+    done = 0
+    while todo or running:
+        while todo and len(running) < parallel:
+            j = todo.pop(0)
+            running.append((launch(j), j))
+        proc, job = running.pop(0)
+        results[key(job)] = collect(proc, job)
+        done += 1
+        r = results[key(job)]
+        print(f"  [{done}/{done + len(todo) + len(running)}] {job['variant']:9s} seed {job['seed']}: val bpb {r['bpb']:.4f} "
+              f"(loss {r['final_loss']:.3f}, {BATCH_TOKENS / r['step_s']:,.0f} tok/s at 1 thread, "
+              f"{r['rss_mib']:.0f} MiB) {time.time() - t_start:.0f} s", flush=True)
+        tmp = results_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f)
+        os.replace(tmp, results_path)
+
+
+def key(job):
+    tag = ",".join(job["keep"]) if job["variant"] == "all" else ""
+    return f"{job['variant']}[{tag}]/seed{job['seed']}/steps{job['steps']}"
+
+
+def speed(variants, keep, shape, vocab, rounds, nanochat, batches, steps):
+    """Tokens/s per variant with the machine's threads: our variants stepped in rotating order in one process;
+    nanochat in its own processes, alternating with ours (base) in rounds."""
+    from nanochat.gpt import GPT
+    torch.manual_seed(0)
+    data = torch.load(batches)
+    rows = data["train"][:BATCH_TOKENS // SEQ].long()
+    built = {}
+    for v in variants:
+        spec = variant_spec(v, keep)
+        model = GPT(model_config(SHAPES[shape], vocab, spec["config"]))
+        model.init_weights()
+        built[v] = (model, model.setup_optimizers(**LRS, **spec["optim"]))
+    times = {v: [] for v in variants}
+    for r in range(rounds + 1):  # round 0 warms up
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            model, opts = built[v]
+            t0 = time.perf_counter()
+            model(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()).backward()
+            for opt in opts:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            if r:
+                times[v].append(time.perf_counter() - t0)
+    out = {v: BATCH_TOKENS / statistics.median(t) for v, t in times.items()}
+    if nanochat:  # whole processes alternate: ours (base) and nanochat's, 12 steps each, median of steps 3..12
+        threads = torch.get_num_threads()
+        pair = {"base": [], "nanochat": []}
+        for r in range(3):
+            for v in ("base", "nanochat") if r % 2 == 0 else ("nanochat", "base"):
+                job = dict(variant=v, seed=0, steps=min(12, steps), shape=shape, keep=keep, threads=threads, batches=batches,
+                           nanochat=nanochat)
+                pair[v].append(BATCH_TOKENS / collect(launch(job), job)["step_s"])
+        out["nanochat"] = statistics.median(pair["nanochat"]) * out["base"] / statistics.median(pair["base"])
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Ablate model/optimizer changes: val bpb at equal tokens, tokens/s")
+    parser.add_argument("--shape", choices=SHAPES, default="tiny", help="tiny: depth 2 width 128; d4w256: depth 4 width 256")
+    parser.add_argument("--steps", type=int, default=60, help=f"optimizer steps of {BATCH_TOKENS:,} tokens per run")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--variants", default="base," + ",".join(CANDIDATES) + ",all",
+                        help=f"comma-separated: base, all, nanochat, or candidates {','.join(CANDIDATES)}")
+    parser.add_argument("--keep", default="", help="candidates that 'all' combines (default: those that pass the "
+                                                   "keep rule in this run's results)")
+    parser.add_argument("--nanochat", default="", help="path to a karpathy/nanochat checkout: add its model as an arm")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    parser.add_argument("--speed-rounds", type=int, default=10, help="timed steps per variant in the tokens/s pass (0: skip)")
+    parser.add_argument("--fresh", action="store_true", help="ignore cached runs and batches")
+    parser.add_argument("--run-one", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_one:
+        print(json.dumps(run_one(json.loads(args.run_one))))
+        return
+
+    from nanochat.common import get_base_dir
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants + [k for k in args.keep.split(",") if k] if v not in CANDIDATES
+               and v not in ("base", "all", "nanochat")]
+    if unknown:
+        raise SystemExit(f"error: unknown variant(s) {unknown}; choose from base, all, nanochat, {', '.join(CANDIDATES)}")
+    if args.nanochat:
+        args.nanochat = os.path.abspath(os.path.expanduser(args.nanochat))
+        if not os.path.exists(os.path.join(args.nanochat, "nanochat", "gpt.py")):
+            raise SystemExit(f"error: --nanochat {args.nanochat} is not a karpathy/nanochat checkout (no nanochat/gpt.py)")
+        variants.append("nanochat")
+    if args.steps < 3 or args.seeds < 1:
+        raise SystemExit("error: --steps must be at least 3 and --seeds at least 1")
+    out_dir = os.path.join(get_base_dir(), "bench", "model", args.shape)
+    os.makedirs(out_dir, exist_ok=True)
+    batches = os.path.join(out_dir, f"batches_{args.steps}x{args.seeds}.pt")
+    if args.fresh or not os.path.exists(batches):
+        prepare_batches(batches, args.steps, args.seeds)
+    vocab = torch.load(batches)["vocab_size"]
+    results_path = os.path.join(out_dir, "results.json")
+    results = {} if args.fresh or not os.path.exists(results_path) else json.load(open(results_path))
+
+    def jobs_for(names, keep):
+        return [dict(variant=v, seed=s, steps=args.steps, shape=args.shape, keep=keep, threads=1, batches=batches,
+                     nanochat=args.nanochat) for s in range(args.seeds) for v in names]
+
+    print(f"shape {args.shape} {SHAPES[args.shape]}, {args.steps} steps x {BATCH_TOKENS:,} tokens, {args.seeds} seeds, "
+          f"{args.jobs} at a time", flush=True)
+    singles = [v for v in variants if v != "all"]
+    run_all(jobs_for(singles, []), results, results_path, args.jobs)
+    bpbs = lambda v, keep=(): [results[key(dict(variant=v, seed=s, steps=args.steps, keep=list(keep)))]["bpb"]
+                               for s in range(args.seeds)]
+    base = bpbs("base") if "base" in singles else None
+    rows = []
+
+    def stats(v, keep=()):
+        b = bpbs(v, keep)
+        mean = statistics.mean(b)
+        sd = statistics.stdev(b) if len(b) > 1 else float("nan")
+        if base is None or v == "base":
+            return mean, sd, float("nan"), float("nan")
+        diffs = [x - y for x, y in zip(b, base)]  # paired: the same seed means the same data and init stream
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        return mean, sd, statistics.mean(diffs), se
+
+    for v in singles:
+        rows.append((v, *stats(v)))
+    # tokens/s for the singles first: the keep rule needs them
+    tok_s = {}
+    if args.speed_rounds:
+        print("tokens/s pass...", flush=True)
+        tok_s = speed([v for v in singles if v != "nanochat"], [], args.shape, vocab, args.speed_rounds,
+                      args.nanochat if "nanochat" in singles else "", batches, args.steps)
+    keep = [k for k in args.keep.split(",") if k]
+    if not keep and base is not None:
+        for v, mean, sd, diff, se in rows:
+            cheap = not tok_s or tok_s[v] >= 0.97 * tok_s["base"]
+            if v in CANDIDATES and diff < -2 * se and cheap:
+                keep.append(v)
+    if "all" in variants and keep:
+        run_all(jobs_for(["all"], keep), results, results_path, args.jobs)
+        rows.append(("all", *stats("all", keep)))
+        if args.speed_rounds:
+            tok_s.update({"all": speed(["base", "all"], keep, args.shape, vocab, args.speed_rounds, "", batches, args.steps)["all"]
+                          * tok_s["base"] / speed(["base"], [], args.shape, vocab, args.speed_rounds, "", batches, args.steps)["base"]})
+
+    # the table
+    lines = [f"# Model ablation: {args.shape} {SHAPES[args.shape]}, {args.steps} steps x {BATCH_TOKENS:,} tokens, "
+             f"{args.seeds} seeds", "",
+             f"kept (lower mean val bpb than base by more than 2 standard errors, tokens/s within 3 %): "
+             f"{', '.join(keep) or 'none'}", "",
+             "| variant | change | val bpb mean | sd | vs base (paired) | 2 SE | tokens/s | vs base | peak RSS MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for v, mean, sd, diff, se in rows:
+        what = CANDIDATES[v][0] if v in CANDIDATES else {"base": "today's model", "nanochat": "karpathy/nanochat main",
+                                                         "all": "+".join(keep)}[v]
+        ks = [results[key(dict(variant=v, seed=s, steps=args.steps, keep=keep if v == "all" else []))]
+              for s in range(args.seeds)]
+        rss = max(r["rss_mib"] for r in ks)
+        ts = tok_s.get(v)
+        rel = f"{ts / tok_s['base'] - 1:+.1%}" if ts and "base" in tok_s else ""
+        lines.append(f"| {v} | {what} | {mean:.4f} | {sd:.4f} | {diff:+.4f} | {2 * se:.4f} | "
+                     f"{f'{ts:,.0f}' if ts else ''} | {rel} | {rss:.0f} |")
+    lines += ["", f"Machine: {os.cpu_count()} CPU threads; bpb runs one thread each, {args.jobs} at once; tokens/s with "
+              f"{torch.get_num_threads()} threads, median of {args.speed_rounds} interleaved steps."]
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, f"ablation_{args.steps}.md"), "w") as f:
+        f.write(table)
+    print(table)
+    print(f"written to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()
