@@ -157,6 +157,9 @@ class DDPSync:
 
     wait_seconds = 0.0  # the gradient all-reduce is counted by comm, per step
 
+    def later_device_bytes(self):
+        return 0  # nothing beyond the model and its inner optimizers
+
     def synchronize(self):
         pass  # replicas never drift
 
@@ -260,6 +263,18 @@ class DiLoCoSync:
             for f in range(len(self.fragments)):
                 if n == (self.phase[f] - self.overlap) % self.h:
                     self._launch(f)
+
+    def later_device_bytes(self):
+        """Bytes on the model's device that only the outer steps allocate, which a batch-size search before the
+        first step must hold aside: the outer momentum when theta_global lives there, the codecs' error feedback,
+        and with overlap the exchange in flight (pseudo-gradient and result) while inner steps run."""
+        owned = [sum(t.numel() for t in frag.theta) for frag in self.fragments]
+        n = sum(4 * k for frag, k in zip(self.fragments, owned) if frag.codec.buffers)
+        if self.device == self.comm_device and self.outer_optimizer.defaults.get("momentum", 0):
+            n += 4 * sum(owned)
+        if self.overlap:
+            n += 8 * max(owned)
+        return n
 
     def _launch(self, f):
         """Start fragment f's exchange: on the background thread when overlapping (one thread, so every
