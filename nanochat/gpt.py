@@ -108,6 +108,21 @@ class KVCache:
         self.v[layer_idx][:, :, t0:t1] = v
         return self.k[layer_idx][:, :, :t1], self.v[layer_idx][:, :, :t1]
 
+    def attend(self, layer_idx, q, k, v, gqa):
+        """Attention of the new queries q (B, H, T, D) over the cache after writing the new k, v into it.
+        (nanochat.decode.StaticKVCache attends differently: fixed shapes, for CUDA graphs.)"""
+        k, v = self.insert_kv(layer_idx, k, v)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept in another dtype than this pass computes in
+        T, Tk = q.size(2), k.size(2)
+        if Tk == T:  # prefill from position 0: plain causal
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if T == 1:  # one new token sees everything cached
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        # a chunk after a prefix: the prefix is fully visible, causal within the chunk
+        # (is_causal would align the triangle top-left, i.e. hide the prefix)
+        mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
     def advance(self, num_tokens):
         self.pos += num_tokens
 
@@ -151,17 +166,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept in another dtype than this pass computes in
-            Tk = k.size(2)
-            if Tk == T:  # prefill from position 0: plain causal
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            elif T == 1:  # one new token sees everything cached
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-            else:  # a chunk after a prefix: the prefix is fully visible, causal within the chunk
-                # (is_causal would align the triangle top-left, i.e. hide the prefix)
-                mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = kv_cache.attend(self.layer_idx, q, k, v, gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
