@@ -94,6 +94,7 @@ class Decoder:
             else contextlib.nullcontext
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the graph's input
         self.graph = self.logits = None
+        self.busy = False  # set by Engine while a generation uses this decoder
 
     def prefill(self, kv_cache):
         self.cache.prefill(kv_cache)

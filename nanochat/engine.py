@@ -55,11 +55,14 @@ class Engine:
         (at least 256, at most the context) so a few graphs serve every request."""
         max_len = min(self.model.config.sequence_len, max(256, 1 << (length - 1).bit_length()))
         key = (batch_size, max_len)
-        if key not in self.decoders:
+        decoder = self.decoders.get(key)
+        if decoder is not None and decoder.busy:  # another generation of this Engine is still under way
+            return Decoder(self.model, batch_size, max_len, cuda_graph=self.cuda_graph)
+        if decoder is None:
             if len(self.decoders) >= self.MAX_DECODERS:
                 self.decoders.clear()  # frees their caches and graphs
-            self.decoders[key] = Decoder(self.model, batch_size, max_len, cuda_graph=self.cuda_graph)
-        return self.decoders[key]
+            decoder = self.decoders[key] = Decoder(self.model, batch_size, max_len, cuda_graph=self.cuda_graph)
+        return decoder
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
@@ -74,8 +77,10 @@ class Engine:
 
         kv_prefill = self._new_cache(1, len(tokens))
         logits = self._forward(torch.tensor([tokens], dtype=torch.long, device=device), kv_prefill, device)
+        decoder = None
         if self.static_cache:
             decoder = self._decoder(num_samples, len(tokens) + max_tokens)
+            decoder.busy = True  # until this generation ends: an interleaved one gets a decoder of its own
             decoder.prefill(kv_prefill)
             step = decoder.step
         else:
@@ -86,19 +91,23 @@ class Engine:
         logits = logits.expand(num_samples, -1)
         rows = [RowState() for _ in range(num_samples)]
 
-        for _ in range(max_tokens):
-            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            column, masks = [], []
-            for row, token in zip(rows, sampled):
-                forced = bool(row.forced)
-                token = row.forced.popleft() if forced else token
-                column.append(token)
-                masks.append(0 if forced else 1)
-                self._track(row, token)
-            yield column, masks
-            if all(row.done for row in rows):
-                break
-            logits = step(torch.tensor(column, dtype=torch.long, device=device)[:, None])
+        try:
+            for _ in range(max_tokens):
+                sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
+                column, masks = [], []
+                for row, token in zip(rows, sampled):
+                    forced = bool(row.forced)
+                    token = row.forced.popleft() if forced else token
+                    column.append(token)
+                    masks.append(0 if forced else 1)
+                    self._track(row, token)
+                yield column, masks
+                if all(row.done for row in rows):
+                    break
+                logits = step(torch.tensor(column, dtype=torch.long, device=device)[:, None])
+        finally:  # finished, or closed by a consumer that stopped early (a client that left)
+            if decoder is not None:
+                decoder.busy = False
 
     def _track(self, row, token):
         """Advance one row's state machine with the token it just emitted."""

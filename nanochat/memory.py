@@ -17,6 +17,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from nanochat import comm
+
 
 def batch_size_arg(value):
     """argparse type of --device-batch-size: a positive integer or "auto"."""
@@ -89,17 +91,20 @@ def find_device_batch_size(trial, candidates, device):
 def training_step_trial(micro_step, model, optimizers, seq_len, device, reserve_bytes=0):
     """trial(b) for find_device_batch_size: a training step at micro-batch b on dummy tokens. micro_step(x, y)
     -> loss is the training loop's own (same compiled graph, same autocast). The optimizers must be fresh
-    (no step taken yet): their state is dropped again afterwards. reserve_bytes are held aside during the try
-    for memory the run allocates only later (a DiLoCo outer momentum on the GPU)."""
+    (no step taken yet): their state is dropped again afterwards, the weights and the communication counts
+    are put back. reserve_bytes are held aside during the try for memory the run allocates only later (a
+    DiLoCo outer momentum on the GPU)."""
     if any(opt.state for opt in optimizers):
         raise ValueError("the batch-size search must run before the first optimizer step")
     params = list(model.parameters())
 
     def trial(b):
-        saved_weights, saved_opts = None, [opt.state_dict() for opt in optimizers]
+        saved_weights, saved_opts, saved_comm = None, [opt.state_dict() for opt in optimizers], comm.comm_stats()
         try:
             reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
-            x = y = torch.zeros(b, seq_len, dtype=torch.long, device=device)  # memory does not depend on the ids
+            # memory does not depend on the ids; two tensors, as the loader's (aliased inputs would make
+            # torch.compile specialise, and recompile for the real batches)
+            x, y = (torch.zeros(b, seq_len, dtype=torch.long, device=device) for _ in range(2))
             micro_step(x, y).backward()
             yield  # the ranks agree here before the optimizer's collectives
             saved_weights = [p.detach().to("cpu", copy=True) for p in params]
@@ -115,6 +120,7 @@ def training_step_trial(micro_step, model, optimizers, seq_len, device, reserve_
                     p.copy_(saved)
             for opt, state in zip(optimizers, saved_opts):
                 opt.load_state_dict(state)
+            comm.load_comm_stats(saved_comm)  # the trial's gradient all-reduces are not the run's traffic
 
     return trial
 

@@ -57,3 +57,15 @@ def test_engine_greedy_tokens_identical_with_the_static_cache(tiny):
     b = static.generate_batch(prompt_ids(tokenizer, "hello"), num_samples=3, max_tokens=30, temperature=1.0, seed=3)
     assert a == b
     assert sorted(static.decoders) == [(2, 128), (3, 128)]  # one per shape, reused (the context is 128)
+
+
+def test_interleaved_generations_do_not_share_a_decoder(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, static_cache=True)
+    a_tokens, b_tokens = prompt_ids(tokenizer, "hello"), prompt_ids(tokenizer, "tell me about the fox")
+    alone = [[col for col, _ in engine.generate(t, max_tokens=20, temperature=0.0)] for t in (a_tokens, b_tokens)]
+    a, b = engine.generate(a_tokens, max_tokens=20, temperature=0.0), engine.generate(b_tokens, max_tokens=20, temperature=0.0)
+    together = list(zip(a, b))  # one step of each in turn, on decoders of the same shape
+    assert [x for (x, _), _ in together] == alone[0][:len(together)]
+    assert [y for _, (y, _) in together] == alone[1][:len(together)]
+    assert not any(d.busy for d in engine.decoders.values())
