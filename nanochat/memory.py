@@ -100,8 +100,9 @@ def training_step_trial(micro_step, model, optimizers, seq_len, device, reserve_
 
     def trial(b):
         saved_weights, saved_opts, saved_comm = None, [opt.state_dict() for opt in optimizers], comm.comm_stats()
+        reserve = []
         try:
-            reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+            reserve.append(torch.empty(reserve_bytes, dtype=torch.uint8, device=device))
             # memory does not depend on the ids; two tensors, as the loader's (aliased inputs would make
             # torch.compile specialise, and recompile for the real batches)
             x, y = (torch.zeros(b, seq_len, dtype=torch.long, device=device) for _ in range(2))
@@ -113,7 +114,8 @@ def training_step_trial(micro_step, model, optimizers, seq_len, device, reserve_
             micro_step(x, y).backward()
             yield
         finally:  # also on an out-of-memory error and when closed early: leave no trace
-            reserve = x = y = None
+            reserve.clear()
+            x = y = None
             model.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for p, saved in zip(params, saved_weights or []):
