@@ -266,10 +266,11 @@ class DiLoCoSync:
 
     def later_device_bytes(self):
         """Bytes on the model's device that only the outer steps allocate, which a batch-size search before the
-        first step must hold aside: the outer momentum when theta_global lives there, the codecs' error feedback,
-        and with overlap the exchange in flight (pseudo-gradient and result) while inner steps run."""
+        first step must hold aside: the outer momentum when theta_global lives there, the codecs' error feedback
+        (fp32, at most one vector of the fragment per buffer: a shard's is 1/K of it), and with overlap the
+        exchange in flight (pseudo-gradient and result) while inner steps run."""
         owned = [sum(t.numel() for t in frag.theta) for frag in self.fragments]
-        n = sum(4 * k for frag, k in zip(self.fragments, owned) if frag.codec.buffers)
+        n = sum(4 * k * len(frag.codec.buffers) for frag, k in zip(self.fragments, owned))
         if self.device == self.comm_device and self.outer_optimizer.defaults.get("momentum", 0):
             n += 4 * sum(owned)
         if self.overlap:

@@ -15,7 +15,9 @@ from tests.test_engine import PROMPTS, prompt_ids
 def tiny(base_dir):
     torch.set_num_threads(1)
     model, tokenizer, _ = load_tiny(base_dir)
-    return for_inference(model), tokenizer  # on CPU: eval mode, fp32 as before
+    model = for_inference(model)
+    assert not model.training and model.lm_head.weight.dtype == torch.float32  # CPU: eval mode, fp32 as before
+    return model, tokenizer
 
 
 @torch.inference_mode()

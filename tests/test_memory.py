@@ -134,3 +134,22 @@ def test_out_of_memory_in_training_ends_with_one_line_not_a_traceback(base_dir):
         "try --device-batch-size 2 (gradient accumulation keeps the total batch), or --device-batch-size auto")
     ckpt = checkpoint_dir("base", "oom")  # nothing but the metrics log was written
     assert not os.path.isdir(ckpt) or os.listdir(ckpt) == ["metrics.jsonl"]
+
+
+def test_the_search_holds_aside_what_diloco_allocates_at_its_first_outer_step():
+    from diloco.codecs import CODECS
+    from diloco.sync import DDPSync, DiLoCoSync, WorkerGroups
+    torch.set_num_threads(1)
+    model, optimizers = tiny_model()
+    groups = WorkerGroups(1, 1, 0, 0, None, None)
+    assert DDPSync(model, optimizers, groups).later_device_bytes() == 0
+    for codec, momentum in (("none", 0.9), ("none", 0.0), ("int8", 0.9)):
+        sync = DiLoCoSync(model, optimizers, groups, h=1, codec_factory=lambda sizes, device: CODECS[codec](sizes, device),
+                          outer_optimizer=lambda params: torch.optim.SGD(params, lr=0.7, momentum=momentum))
+        expected = sync.later_device_bytes()
+        model(*(torch.zeros(2, SEQ, dtype=torch.long),) * 2).backward()
+        sync.step()  # H = 1: the outer step allocates the momentum and the codec's error feedback
+        buffers = [s["momentum_buffer"] for s in sync.outer_optimizer.state.values() if s.get("momentum_buffer") is not None]
+        buffers += [getattr(frag.codec, b) for frag in sync.fragments for b in frag.codec.buffers]
+        assert expected == sum(t.numel() * t.element_size() for t in buffers)  # exact for one worker
+        assert (expected > 0) == (momentum > 0 or codec != "none")
