@@ -121,8 +121,8 @@ class Fragment:
         outer_optimizer.step()  # only this fragment's theta have a gradient: the others are skipped
         for theta in self.theta:
             theta.grad = None
-        # from pinned memory these copies are asynchronous: theta is next written by the outer step above, after a
-        # synchronize, so a copy in flight never reads a half-updated theta
+        # from pinned memory these copies are asynchronous: the next write to theta (the next round's outer step)
+        # comes after the synchronize above, so a copy in flight never reads a half-updated theta
         for theta, p in zip(self.theta, self.owned):
             if alpha:
                 p.mul_(alpha).add_(theta.to(p.device, p.dtype, non_blocking=True), alpha=1 - alpha)
