@@ -1,31 +1,36 @@
 """
-Inference throughput: prefill and decode tokens/s at batch 1 and batched, KV cache vs full recompute,
+Inference throughput: prefill and decode tokens/s at batch 1 and batched; decoding with GPT.forward's KV cache,
+with nanochat.decode's fixed-shape step eagerly and (CUDA) replayed as a CUDA graph, and by full recompute;
 and the Engine end to end (shared prefill, sampling, per-row bookkeeping).
 
-    python -m bench.bench_inference -i sft                          # a saved checkpoint (latest tag/step)
-    python -m bench.bench_inference --depth 20 --sequence-len 2048  # random weights, no checkpoint needed
+    python -m bench.bench_inference --depth 20       # random d20 weights: prompt 512, 512 generated, batch 1 and 8
+    python -m bench.bench_inference -i sft           # a saved checkpoint (latest tag/step), Engine rows too
 
-"full recompute" decodes by running the whole sequence through the model at every step (no cache): its
-cost grows with the sequence, the cache's does not, so the ratio grows with --prompt-len and --gen-len.
+The model is prepared as the chat scripts prepare it (nanochat.decode.for_inference: bf16 weights on CUDA).
+"full recompute" decodes by running the whole sequence through the model at every step (no cache): its cost
+grows with the sequence, the cache's does not. Greedy tokens with and without the CUDA graph must be identical
+(same kernels, replayed): the run exits with status 1 if they are not.
 """
 
 import argparse
+import sys
 import time
 
 import torch
 
 from nanochat.common import autocast_context, autodetect_device_type, compute_init, device_synchronize
+from nanochat.decode import Decoder, for_inference
 from nanochat.gpt import GPT, KVCache, config_from_depth
 
-parser = argparse.ArgumentParser(description="Benchmark inference: prefill/decode tokens/s, KV cache vs recompute")
+parser = argparse.ArgumentParser(description="Benchmark inference: prefill/decode tokens/s, CUDA graph, KV cache vs recompute")
 parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage (without --depth)")
 parser.add_argument("--model-tag", type=str, default=None)
 parser.add_argument("--step", type=int, default=None)
 parser.add_argument("--depth", type=int, default=0, help="benchmark a randomly initialised model of this depth instead of a checkpoint")
 parser.add_argument("--vocab-size", type=int, default=65536, help="with --depth")
 parser.add_argument("--sequence-len", type=int, default=2048, help="with --depth")
-parser.add_argument("--prompt-len", type=int, default=128)
-parser.add_argument("--gen-len", type=int, default=128, help="tokens decoded per row")
+parser.add_argument("--prompt-len", type=int, default=512)
+parser.add_argument("--gen-len", type=int, default=512, help="tokens decoded per row")
 parser.add_argument("--batch-size", type=int, default=8, help="the batched case (batch 1 is always measured)")
 parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up; the best is kept")
 parser.add_argument("--no-recompute", action="store_true", help="skip the (slow) full-recompute decode")
@@ -40,7 +45,10 @@ if args.depth:
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-    model.eval()
+    with torch.no_grad():  # init zeroes the output projections: every block would be the identity
+        for block in model.transformer.h:
+            for p in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
+                p.normal_(std=p.size(1) ** -0.5)
     what = f"random d{args.depth}"
 else:
     from nanochat.checkpoint import load_model
@@ -50,11 +58,14 @@ else:
         raise SystemExit(f"error: {e} (or benchmark random weights: --depth 12)")
     config = model.config
     what = f"{args.source}/{meta['model_tag']} step {meta['step']}"
+model = for_inference(model)
 P, G = args.prompt_len, args.gen_len
 if P + G > config.sequence_len:
     raise SystemExit(f"error: --prompt-len + --gen-len = {P + G} exceeds the model's context {config.sequence_len}")
+cuda = device.type == "cuda"
 print(f"{what}: {model.num_params() / 1e6:.1f}M params, {config.n_layer} layers, width {config.n_embd}, "
-      f"context {config.sequence_len}, on {device}")
+      f"context {config.sequence_len}, {model.lm_head.weight.dtype} weights, on "
+      f"{torch.cuda.get_device_name(device) if cuda else device}")
 autocast = autocast_context(device.type)
 gen = torch.Generator().manual_seed(0)
 
@@ -73,10 +84,6 @@ def timed(fn, setup=lambda: None):
     return best, out
 
 
-def new_cache(B):
-    return KVCache(B, config.n_kv_head, P + G, config.n_embd // config.n_head, config.n_layer)
-
-
 def next_ids(logits):
     return logits[:, -1].argmax(-1, keepdim=True)
 
@@ -84,7 +91,7 @@ def next_ids(logits):
 @torch.inference_mode()
 def prefill(prompt):
     """The prompt into a fresh cache -> (cache, first generated ids)."""
-    cache = new_cache(prompt.size(0))
+    cache = KVCache(prompt.size(0), config.n_kv_head, P + G, config.n_embd // config.n_head, config.n_layer)
     with autocast:
         return cache, next_ids(model(prompt, kv_cache=cache))
 
@@ -100,6 +107,24 @@ def decode_cached(state):
     return torch.cat(out, 1)
 
 
+def static_setup(decoder, prompt):
+    def setup():
+        cache, ids = prefill(prompt)
+        decoder.prefill(cache)
+        return decoder, ids
+    return setup
+
+
+@torch.inference_mode()
+def decode_static(state):
+    decoder, ids = state
+    out = []
+    for _ in range(G - 1):
+        ids = decoder.step(ids).argmax(-1, keepdim=True)
+        out.append(ids)
+    return torch.cat(out, 1)
+
+
 @torch.inference_mode()
 def decode_recompute(seq):
     with autocast:
@@ -108,19 +133,40 @@ def decode_recompute(seq):
     return seq[:, P + 1:]
 
 
-rows, speedups = [], {}
+rows, notes, identical = [], [], True
 for B in sorted({1, args.batch_size}):
     prompt = torch.randint(0, config.vocab_size, (B, P), generator=gen).to(device)
     t, _ = timed(prefill, lambda: prompt)
-    rows.append(("prefill", B, B * P, t, ""))
-    # both decoders start from the prompt plus its first token and produce G - 1 more per row
+    rows.append(("prefill", B, B * P, t))
+    # every decoder starts from the prompt plus its first token and produces G - 1 more per row
     t_cached, cached = timed(decode_cached, lambda: prefill(prompt))
-    rows.append(("decode, KV cache", B, B * (G - 1), t_cached, ""))
+    rows.append(("decode, KV cache (GPT.forward)", B, B * (G - 1), t_cached))
+    t_eager, eager = timed(decode_static, static_setup(Decoder(model, B, P + G), prompt))
+    rows.append(("decode, static KV cache, eager", B, B * (G - 1), t_eager))
+    fastest, fastest_tokens = t_eager, eager
+    if cuda:
+        graph_decoder = Decoder(model, B, P + G, cuda_graph=True)
+        setup = static_setup(graph_decoder, prompt)
+        t0 = time.perf_counter()
+        decode_static(setup())  # the first step records the graph
+        device_synchronize(device.type)
+        t_capture = time.perf_counter() - t0
+        t_graph, graphed = timed(decode_static, setup)
+        rows.append(("decode, static KV cache, CUDA graph", B, B * (G - 1), t_graph))
+        same = torch.equal(graphed, eager)
+        identical &= same
+        notes.append(f"batch {B}: greedy tokens with and without the CUDA graph: "
+                     f"{'identical' if same else 'DIFFERENT'} ({(graphed == eager).float().mean().item():.1%} equal); "
+                     f"graph speedup {t_eager / t_graph:.1f}x; first call (warm-up + capture + decode) {t_capture:.2f} s")
+        fastest, fastest_tokens = t_graph, graphed
+    notes.append(f"batch {B}: static-cache tokens equal to GPT.forward's KV cache: "
+                 f"{(fastest_tokens == cached).float().mean().item():.1%}")
     if not args.no_recompute:
         t, recomputed = timed(decode_recompute, lambda: torch.cat([prompt, prefill(prompt)[1]], 1))
-        agree = (cached == recomputed).float().mean().item()
-        rows.append(("decode, full recompute", B, B * (G - 1), t, f"greedy tokens equal to the cached run: {agree:.0%}"))
-        speedups[B] = t / t_cached
+        rows.append(("decode, full recompute (no cache)", B, B * (G - 1), t))
+        notes.append(f"batch {B}: KV cache speedup over full recompute: {t / fastest:.1f}x "
+                     f"({'CUDA graph' if cuda else 'static cache, eager'}), {t / t_cached:.1f}x (GPT.forward); "
+                     f"tokens equal to the cached run: {(recomputed == cached).float().mean().item():.1%}")
     if tokenizer is not None:
         from nanochat.engine import Engine
         engine = Engine(model, tokenizer)
@@ -130,11 +176,15 @@ for B in sorted({1, args.batch_size}):
             return sum(1 for _ in engine.generate(tokens, num_samples=B, max_tokens=G, temperature=1.0, top_k=50, seed=0))
 
         t, steps = timed(run_engine)
-        rows.append(("Engine.generate (shared prefill, sampling)", B, B * steps, t, ""))
+        rows.append(("Engine.generate (shared prefill, sampling)", B, B * steps, t))
 
 print(f"\nprompt {P} tokens, {G} generated per row, best of {args.repeats}\n")
-print(f"{'phase':<42} {'batch':>5} {'tokens':>8} {'seconds':>9} {'tokens/s':>11}")
-for name, B, n, t, note in rows:
-    print(f"{name:<42} {B:>5} {n:>8} {t:>9.4f} {n / t:>11,.0f}   {note}".rstrip())
-for B, s in speedups.items():
-    print(f"KV cache decode speedup over full recompute, batch {B}: {s:.1f}x")
+print(f"{'phase':<44} {'batch':>5} {'tokens':>8} {'seconds':>9} {'tokens/s':>11}")
+for name, B, n, t in rows:
+    print(f"{name:<44} {B:>5} {n:>8} {t:>9.4f} {n / t:>11,.0f}")
+print()
+for note in notes:
+    print(note)
+if not identical:
+    print("error: the CUDA graph changed greedy tokens", file=sys.stderr)
+    sys.exit(1)

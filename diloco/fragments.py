@@ -57,6 +57,13 @@ class Fragment:
         self.owners = owners  # owners[i]: the rank inside the worker that keeps theta_global for pieces[i]
         self.owned = [p for p, o in zip(pieces, owners) if o == local_index]
         self.theta = [p.to(device=outer_device, dtype=torch.float32, copy=True) for p in self.owned]
+        # --outer-device cpu under CUDA: theta_global in pinned host memory, so its copies to and from the GPU run
+        # asynchronously; the pseudo-gradient, the exchange (nccl takes CUDA tensors only) and the codec stay on
+        # the GPU, only the outer optimizer steps on the host (its momentum never leaves it)
+        self.host_side = bool(self.owned) and self.owned[0].is_cuda and torch.device(outer_device).type == "cpu"
+        if self.host_side:
+            self.theta = [t.pin_memory() for t in self.theta]
+            self.host_mean = torch.empty(sum(t.numel() for t in self.theta), pin_memory=True)
         self.codec = codec
 
     @torch.no_grad()
@@ -65,7 +72,7 @@ class Fragment:
         if not self.theta:
             delta = None
         else:
-            delta = torch.cat([(theta - p.to(theta.device, torch.float32)).reshape(-1)
+            delta = torch.cat([(theta.to(p.device, non_blocking=True) - p.float()).reshape(-1)
                                for theta, p in zip(self.theta, self.owned)])
         if executor is None:
             future = Future()
@@ -102,16 +109,23 @@ class Fragment:
             torch.cuda.current_stream().wait_event(pending.done_event)
         if mean is None:
             return waited
+        host = self.host_side and mean.is_cuda  # (a resumed exchange's result is already on the host)
+        if host:  # the mean comes down into pinned memory; the outer step needs it there, so wait for it
+            mean = self.host_mean.copy_(mean, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
         offset = 0
         for theta in self.theta:
-            theta.grad = mean[offset:offset + theta.numel()].view_as(theta).clone()
+            grad = mean[offset:offset + theta.numel()].view_as(theta)
+            theta.grad = grad if host else grad.clone()
             offset += theta.numel()
         outer_optimizer.step()  # only this fragment's theta have a gradient: the others are skipped
         for theta in self.theta:
             theta.grad = None
+        # from pinned memory these copies are asynchronous: the next write to theta (the next round's outer step)
+        # comes after the synchronize above, so a copy in flight never reads a half-updated theta
         for theta, p in zip(self.theta, self.owned):
             if alpha:
-                p.mul_(alpha).add_(theta.to(p.device, p.dtype), alpha=1 - alpha)
+                p.mul_(alpha).add_(theta.to(p.device, p.dtype, non_blocking=True), alpha=1 - alpha)
             else:
-                p.copy_(theta)
+                p.copy_(theta, non_blocking=True)
         return waited

@@ -63,7 +63,8 @@ def add_sync_args(parser):
     g.add_argument("--outer-momentum", type=float, default=0.9, help="outer SGD momentum")
     g.add_argument("--outer-nesterov", type=int, choices=[0, 1], default=1, help="Nesterov outer momentum")
     g.add_argument("--outer-device", choices=["cpu", "gpu"], default="gpu",
-                   help="where theta_global and the outer momentum live (gpu = the model's device)")
+                   help="where theta_global and the outer momentum live (gpu = the model's device; cpu: pinned "
+                        "host memory, copied asynchronously, the exchange itself still on the GPU)")
     g.add_argument("--diloco-fragments", type=int, default=1,
                    help="Streaming DiLoCo: fragments F of the model, synced in turn, each every H steps (1 = plain)")
     g.add_argument("--diloco-overlap", type=int, default=0,
@@ -156,6 +157,9 @@ class DDPSync:
 
     wait_seconds = 0.0  # the gradient all-reduce is counted by comm, per step
 
+    def later_device_bytes(self):
+        return 0  # nothing beyond the model and its inner optimizers
+
     def synchronize(self):
         pass  # replicas never drift
 
@@ -200,17 +204,18 @@ class DiLoCoSync:
         self.h, self.overlap, self.alpha = h, overlap, alpha
         broadcast_parameters(model)
         self.params = list(model.parameters())
-        self.device = self.params[0].device if outer_device == "gpu" else torch.device("cpu")
+        self.device = self.params[0].device if outer_device == "gpu" else torch.device("cpu")  # outer state
+        self.comm_device = self.params[0].device  # pseudo-gradients, codecs and exchanges (nccl: CUDA tensors only)
         g, me = groups.ranks_per_worker, groups.local_index
         self.fragments, index = [], 0
         for f, pieces in enumerate(split_into_fragments(self.params, fragments)):
             owners = [(index + i) % g for i in range(len(pieces))]  # owner of a piece inside the worker
             index += len(pieces)
             sizes = [p.numel() for p, o in zip(pieces, owners) if o == me]
-            self.fragments.append(Fragment(pieces, owners, me, self.device, codec_factory(sizes, self.device)))
+            self.fragments.append(Fragment(pieces, owners, me, self.device, codec_factory(sizes, self.comm_device)))
         self.outer_optimizer = outer_optimizer([t for frag in self.fragments for t in frag.theta])
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="diloco-outer") if overlap else None
-        self.side_stream = torch.cuda.Stream(self.device) if overlap and self.device.type == "cuda" else None
+        self.side_stream = torch.cuda.Stream(self.comm_device) if overlap and self.comm_device.type == "cuda" else None
         self.inner_step = 0  # inner steps since this sync object started (or since the run started, on resume)
         self.last_launch = [0] * fragments  # inner step of each fragment's last launched exchange
         self.pending = {}  # fragment index -> Pending
@@ -258,6 +263,19 @@ class DiLoCoSync:
             for f in range(len(self.fragments)):
                 if n == (self.phase[f] - self.overlap) % self.h:
                     self._launch(f)
+
+    def later_device_bytes(self):
+        """Bytes on the model's device that only the outer steps allocate, which a batch-size search before the
+        first step must hold aside: the outer momentum when theta_global lives there, the codecs' error feedback
+        (fp32, at most one vector of the fragment per buffer: a shard's is 1/K of it), and with overlap the
+        exchange in flight (pseudo-gradient and result) while inner steps run."""
+        owned = [sum(t.numel() for t in frag.theta) for frag in self.fragments]
+        n = sum(4 * k * len(frag.codec.buffers) for frag, k in zip(self.fragments, owned))
+        if self.device == self.comm_device and self.outer_optimizer.defaults.get("momentum", 0):
+            n += 4 * sum(owned)
+        if self.overlap:
+            n += 8 * max(owned)
+        return n
 
     def _launch(self, f):
         """Start fragment f's exchange: on the background thread when overlapping (one thread, so every

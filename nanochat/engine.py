@@ -1,7 +1,8 @@
 """Inference: batched sampling with a KV cache, several samples per prompt, and calculator tool use.
 
 The prompt is prefilled once at batch size 1, its cache is copied into num_samples rows, then every step
-feeds one token per row. A row that closes a python block (python_start ... python_end) gets the value of
+feeds one token per row: on CUDA through nanochat.decode's fixed-shape step, replayed as a CUDA graph, elsewhere
+through GPT.forward's KV cache. A row that closes a python block (python_start ... python_end) gets the value of
 the expression forced in as output_start <result> output_end before the model continues.
 """
 
@@ -10,6 +11,7 @@ from collections import deque
 import torch
 
 from nanochat.common import autocast_context
+from nanochat.decode import Decoder
 from nanochat.execution import use_calculator
 from nanochat.gpt import KVCache, sample_next_token
 
@@ -25,9 +27,16 @@ class RowState:
 
 class Engine:
 
-    def __init__(self, model, tokenizer):
+    MAX_DECODERS = 4  # (batch, length) shapes whose static cache and CUDA graph are kept for reuse
+
+    def __init__(self, model, tokenizer, static_cache=None):
+        """static_cache: decode with nanochat.decode (as a CUDA graph on CUDA, eagerly elsewhere); default: on CUDA."""
         self.model = model
         self.tokenizer = tokenizer
+        device = model.get_device()
+        self.static_cache = device.type == "cuda" if static_cache is None else static_cache
+        self.cuda_graph = self.static_cache and device.type == "cuda"
+        self.decoders = {}
         enc = tokenizer.encode_special
         self.python_start, self.python_end = enc("<|python_start|>"), enc("<|python_end|>")
         self.output_start, self.output_end = enc("<|output_start|>"), enc("<|output_end|>")
@@ -40,6 +49,20 @@ class Engine:
     def _forward(self, ids, kv_cache, device):
         with autocast_context(device.type):
             return self.model(ids, kv_cache=kv_cache)[:, -1, :]
+
+    def _decoder(self, batch_size, length):
+        """A Decoder for this many rows and at least `length` positions; lengths are rounded up to a power of two
+        (at least 256, at most the context) so a few graphs serve every request."""
+        max_len = min(self.model.config.sequence_len, max(256, 1 << (length - 1).bit_length()))
+        key = (batch_size, max_len)
+        decoder = self.decoders.get(key)
+        if decoder is not None and decoder.busy:  # another generation of this Engine is still under way
+            return Decoder(self.model, batch_size, max_len, cuda_graph=self.cuda_graph)
+        if decoder is None:
+            if len(self.decoders) >= self.MAX_DECODERS:
+                self.decoders.clear()  # frees their caches and graphs
+            decoder = self.decoders[key] = Decoder(self.model, batch_size, max_len, cuda_graph=self.cuda_graph)
+        return decoder
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
@@ -54,26 +77,37 @@ class Engine:
 
         kv_prefill = self._new_cache(1, len(tokens))
         logits = self._forward(torch.tensor([tokens], dtype=torch.long, device=device), kv_prefill, device)
-        kv_cache = self._new_cache(num_samples, len(tokens) + max_tokens)
-        kv_cache.prefill(kv_prefill)
+        decoder = None
+        if self.static_cache:
+            decoder = self._decoder(num_samples, len(tokens) + max_tokens)
+            decoder.busy = True  # until this generation ends: an interleaved one gets a decoder of its own
+            decoder.prefill(kv_prefill)
+            step = decoder.step
+        else:
+            kv_cache = self._new_cache(num_samples, len(tokens) + max_tokens)
+            kv_cache.prefill(kv_prefill)
+            step = lambda ids: self._forward(ids, kv_cache, device)
         del kv_prefill
         logits = logits.expand(num_samples, -1)
         rows = [RowState() for _ in range(num_samples)]
 
-        for _ in range(max_tokens):
-            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            column, masks = [], []
-            for row, token in zip(rows, sampled):
-                forced = bool(row.forced)
-                token = row.forced.popleft() if forced else token
-                column.append(token)
-                masks.append(0 if forced else 1)
-                self._track(row, token)
-            yield column, masks
-            if all(row.done for row in rows):
-                break
-            ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
-            logits = self._forward(ids, kv_cache, device)
+        try:
+            for _ in range(max_tokens):
+                sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
+                column, masks = [], []
+                for row, token in zip(rows, sampled):
+                    forced = bool(row.forced)
+                    token = row.forced.popleft() if forced else token
+                    column.append(token)
+                    masks.append(0 if forced else 1)
+                    self._track(row, token)
+                yield column, masks
+                if all(row.done for row in rows):
+                    break
+                logits = step(torch.tensor(column, dtype=torch.long, device=device)[:, None])
+        finally:  # finished, or closed by a consumer that stopped early (a client that left)
+            if decoder is not None:
+                decoder.busy = False
 
     def _track(self, row, token):
         """Advance one row's state machine with the token it just emitted."""

@@ -134,8 +134,35 @@ class KVCache:
         self.v[layer_idx][:, :, t0:t1] = v
         return self.k[layer_idx][:, :, :t1], self.v[layer_idx][:, :, :t1]
 
+    def attend(self, layer_idx, q, k, v, gqa):
+        """Attention of the new queries q (B, H, T, D) over the cache after writing the new k, v into it.
+        (nanochat.decode.StaticKVCache attends differently: fixed shapes, for CUDA graphs.)"""
+        k, v = self.insert_kv(layer_idx, k, v)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept in another dtype than this pass computes in
+        T, Tk = q.size(2), k.size(2)
+        if Tk == T:  # prefill from position 0: plain causal
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if T == 1:  # one new token sees everything cached
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        # a chunk after a prefix: the prefix is fully visible, causal within the chunk
+        # (is_causal would align the triangle top-left, i.e. hide the prefix)
+        mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
     def advance(self, num_tokens):
         self.pos += num_tokens
+
+    def rotary(self, cos, sin, T):
+        """The rotary tables' rows for the T positions this forward pass adds."""
+        t0 = self.pos
+        if t0 + T > cos.size(1):
+            raise ValueError(f"position {t0 + T} beyond the rotary tables ({cos.size(1)}); raise sequence_len")
+        return cos[:, t0:t0 + T], sin[:, t0:t0 + T]
+
+    def swap_prev_embedding(self, x_last):
+        """Keep the last position's input embedding for the next pass's smear gate; return the one kept before."""
+        last, self.prev_embedding = self.prev_embedding, x_last
+        return last
 
     def prefill(self, other):
         """Start this fresh cache from another one's contents, broadcasting batch 1 -> B (a shared prompt prefill)."""
@@ -188,17 +215,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept in another dtype than this pass computes in
-            Tk = k.size(2)
-            if Tk == T:  # prefill from position 0: plain causal
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            elif T == 1:  # one new token sees everything cached
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-            else:  # a chunk after a prefix: the prefix is fully visible, causal within the chunk
-                # (is_causal would align the triangle top-left, i.e. hide the prefix)
-                mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = kv_cache.attend(self.layer_idx, q, k, v, gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -360,10 +377,12 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx (B, T) -> logits (B, T, V) fp32; with targets -> loss ("mean" over targets != -1, "none" -> (B, T))."""
         B, T = idx.size()
-        t0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if t0 + T > self.cos.size(1):
-            raise ValueError(f"position {t0 + T} beyond the rotary tables ({self.cos.size(1)}); raise sequence_len")
-        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        if kv_cache is None:
+            if T > self.cos.size(1):
+                raise ValueError(f"position {T} beyond the rotary tables ({self.cos.size(1)}); raise sequence_len")
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:  # the cache knows where its positions are (nanochat.decode's keeps them on the device)
+            cos, sin = kv_cache.rotary(self.cos, self.sin, T)
         c = self.config
         x = norm(self.transformer.wte(idx))
         if c.smear:
@@ -393,7 +412,7 @@ class GPT(nn.Module):
         previous position may be the last one of an earlier forward pass (decoding one token at a time)."""
         prev = x[:, :-1]
         if kv_cache is not None:
-            last, kv_cache.prev_embedding = kv_cache.prev_embedding, x[:, -1:]
+            last = kv_cache.swap_prev_embedding(x[:, -1:])
             if last is not None:
                 prev = torch.cat([last.to(x.dtype), prev], dim=1)
         if prev.size(1) == 0:

@@ -22,6 +22,8 @@ from nanochat.common import (autocast_context, autodetect_device_type, compute_c
 from nanochat.dataloader import fresh_loader_state, global_loader_state, tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.memory import (batch_size_arg, candidate_batch_sizes, explain_out_of_memory, find_device_batch_size,
+                             training_step_trial)
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train_loop import lr_multiplier, metrics_until, muon_momentum, on_theta_global, plan, set_schedule
@@ -48,7 +50,9 @@ parser.add_argument("--aspect-ratio", type=int, default=None, help="model width 
 parser.add_argument("--head-dim", type=int, default=None)
 parser.add_argument("--max-seq-len", type=int, default=None)
 # batch and horizon
-parser.add_argument("--device-batch-size", type=int, default=None, help="sequences per rank per micro-step")
+parser.add_argument("--device-batch-size", type=batch_size_arg, default=None,
+                    help="sequences per rank per micro-step, or auto: the largest power of two up to the preset's that "
+                         "fits in memory (default: auto on CUDA, the preset's elsewhere)")
 parser.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step, all ranks")
 parser.add_argument("--num-iterations", type=int, default=None, help="optimizer steps (-1: from --target-param-data-ratio)")
 parser.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla)")
@@ -74,6 +78,9 @@ args = parser.parse_args()
 
 device_type = args.device_type or autodetect_device_type()
 preset = args.preset if args.preset != "auto" else ("d20" if device_type == "cuda" else "tiny")
+explain_out_of_memory()  # from here on an OOM ends the run with one line saying what to try
+if args.device_batch_size is None and device_type == "cuda":
+    args.device_batch_size = "auto"
 for key, value in PRESETS[preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
@@ -98,17 +105,6 @@ num_params = model.num_params()
 flops_per_token = model.estimate_flops()
 print0(f"preset {preset} | {model_config} | {num_params:,} parameters | {flops_per_token:.3e} FLOPs/token")
 
-# Horizon and batch
-tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
-assert args.total_batch_size % tokens_per_micro_step == 0, \
-    f"--total-batch-size {args.total_batch_size} must be a multiple of {tokens_per_micro_step} (batch x seq x ranks)"
-grad_accum_steps = args.total_batch_size // tokens_per_micro_step
-num_iterations = args.num_iterations
-if num_iterations < 0:
-    num_iterations = round(args.target_param_data_ratio * num_params / args.total_batch_size)
-print0(f"{num_iterations} steps x {args.total_batch_size:,} tokens = {num_iterations * args.total_batch_size:,} tokens "
-       f"({grad_accum_steps} micro-steps of {args.device_batch_size}x{args.max_seq_len} per rank per step)")
-
 # Synchronisation (the DiLoCo seam), inner optimizers over the gradient-averaging group
 groups = make_worker_groups(args)
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
@@ -119,6 +115,36 @@ if args.sync == "diloco":
     print0(f"DiLoCo: {groups.num_workers} workers x {groups.ranks_per_worker} ranks, H={args.diloco_h}, "
            f"outer lr {args.outer_lr}, momentum {args.outer_momentum}, nesterov {args.outer_nesterov}, "
            f"compression {args.outer_compression}")
+train_model = torch.compile(model, dynamic=False) if (args.compile == 1 or (args.compile == -1 and device_type == "cuda")) else model
+
+
+def micro_step(x, y):
+    with autocast:
+        return train_model(x, y)
+
+
+# Horizon and batch: the micro-batch divides the rows each rank takes per step, so accumulation keeps the total
+if args.total_batch_size % (args.max_seq_len * world_size):
+    raise SystemExit(f"error: --total-batch-size {args.total_batch_size} must be a multiple of --max-seq-len x ranks "
+                     f"({args.max_seq_len * world_size})")
+rows_per_rank = args.total_batch_size // (args.max_seq_len * world_size)
+if args.device_batch_size == "auto":
+    trial = training_step_trial(micro_step, model, optimizers, args.max_seq_len, device,
+                                reserve_bytes=sync.later_device_bytes())
+    largest = PRESETS[preset]["device_batch_size"]
+    args.device_batch_size, too_big = find_device_batch_size(trial, candidate_batch_sizes(rows_per_rank, largest), device)
+    print0(f"--device-batch-size auto: {args.device_batch_size}" +
+           (f" ({', '.join(map(str, too_big))} ran out of memory)" if too_big else " (fits)"))
+if rows_per_rank % args.device_batch_size:
+    raise SystemExit(f"error: --device-batch-size {args.device_batch_size} must divide the {rows_per_rank} rows each rank "
+                     f"takes per step (--total-batch-size / (--max-seq-len x ranks))")
+explain_out_of_memory(args.device_batch_size)
+grad_accum_steps = rows_per_rank // args.device_batch_size
+num_iterations = args.num_iterations
+if num_iterations < 0:
+    num_iterations = round(args.target_param_data_ratio * num_params / args.total_batch_size)
+print0(f"{num_iterations} steps x {args.total_batch_size:,} tokens = {num_iterations * args.total_batch_size:,} tokens "
+       f"({grad_accum_steps} micro-steps of {args.device_batch_size}x{args.max_seq_len} per rank per step)")
 
 # Resume
 model_tag = args.model_tag or f"d{args.depth}"
@@ -137,8 +163,6 @@ slot, slots = data_slot(args) if args.elastic != "off" else (0, 1)
 data_rank, data_world = slot * world_size + rank, slots * world_size
 if args.elastic != "off" and not args.resume:
     loader_state = fresh_loader_state(data_rank, data_world)
-train_model = torch.compile(model, dynamic=False) if (args.compile == 1 or (args.compile == -1 and device_type == "cuda")) else model
-
 train_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "train", tokenizer,
                                                   device, rank=data_rank, world_size=data_world, resume_state=loader_state)
 x, y, state_after_x = next(train_loader)  # prefetch; loader_state = position before x
@@ -220,8 +244,7 @@ for step in range(start_step, num_iterations + 1):
     device_synchronize(device_type)
     t0 = time.time()
     for _ in range(grad_accum_steps):
-        with autocast:
-            loss = train_model(x, y)
+        loss = micro_step(x, y)
         (loss / grad_accum_steps).backward()
         loader_state = state_after_x
         x, y, state_after_x = next(train_loader)
@@ -247,21 +270,23 @@ for step in range(start_step, num_iterations + 1):
 # Summary
 figures = comm_figures()
 tokens_total = step * args.total_batch_size
-print0(f"done: {step} steps, {tokens_total:,} tokens, val bpb {val_bpb:.4f}, {train_seconds:.1f} s training, "
-       f"peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device_type == "cuda" else
-       f"done: {step} steps, {tokens_total:,} tokens, val bpb {val_bpb:.4f}, {train_seconds:.1f} s training")
+peak_mib = torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else None  # this rank's
+print0(f"done: {step} steps, {tokens_total:,} tokens, val bpb {val_bpb:.4f}, {train_seconds:.1f} s training" +
+       (f", peak memory allocated {peak_mib:,.0f} MiB" if peak_mib is not None else ""))
 if at.last:
     bytes_across = figures["outer_bytes"] if args.sync == "diloco" else figures["inner_bytes"]
     get_report().log(section="Base model training", data=[
         {"preset": preset, "depth": args.depth, "parameters": num_params, "vocab": vocab_size, "ranks": world_size,
-         "sync": args.sync, **({"diloco_h": args.diloco_h, "workers": groups.num_workers, "outer_lr": args.outer_lr,
-                                 "outer_momentum": args.outer_momentum, "compression": args.outer_compression}
-                                if args.sync == "diloco" else {})},
+         "device_batch_size": args.device_batch_size, "sync": args.sync,
+         **({"diloco_h": args.diloco_h, "workers": groups.num_workers, "outer_lr": args.outer_lr,
+             "outer_momentum": args.outer_momentum, "compression": args.outer_compression}
+            if args.sync == "diloco" else {})},
         {"steps": num_iterations, "tokens": tokens_total, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
          "train_seconds": train_seconds, "outer_wait_seconds": sync.wait_seconds,
          "tokens_per_second": tokens_total / max(train_seconds, 1e-9),
          "inner_bytes": figures["inner_bytes"], "outer_bytes": figures["outer_bytes"],
-         "bytes_across_workers": bytes_across, "bytes_across_workers_per_token": bytes_across / max(tokens_total, 1)},
+         "bytes_across_workers": bytes_across, "bytes_across_workers_per_token": bytes_across / max(tokens_total, 1),
+         **({"peak_memory_allocated_mib": round(peak_mib)} if peak_mib is not None else {})},
     ])
 wandb_run.finish()
 compute_cleanup()

@@ -11,6 +11,7 @@ import argparse
 
 from nanochat.checkpoint import load_model
 from nanochat.common import autodetect_device_type, compute_init
+from nanochat.decode import for_inference
 from nanochat.engine import Engine, StreamDecoder
 
 parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
@@ -30,7 +31,7 @@ try:
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
 except FileNotFoundError as e:
     raise SystemExit(f"error: {e}")
-engine = Engine(model, tokenizer)
+engine = Engine(for_inference(model), tokenizer)  # CUDA: bf16 weights, decoding as a CUDA graph
 context_len = model.config.sequence_len
 
 print(f"nanochat {args.source}/{meta['model_tag']} step {meta['step']} on {device}")

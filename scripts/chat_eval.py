@@ -22,6 +22,7 @@ from nanochat.checkpoint import load_model
 from nanochat.comm import all_reduce_sum
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, exit_now,
                              get_base_dir, print0)
+from nanochat.decode import for_inference
 from nanochat.engine import Engine
 from nanochat.report import get_report
 
@@ -184,7 +185,7 @@ def main(argv=None):
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}")
-    engine = Engine(model, tokenizer)
+    engine = Engine(for_inference(model), tokenizer)  # CUDA: bf16 weights, decoding as a CUDA graph
     print0(f"chat eval: {args.source}/{meta['model_tag']} step {meta['step']} | {world} rank(s) on {device} | "
            f"max problems {args.max_problems or 'all'}")
 

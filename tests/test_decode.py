@@ -1,0 +1,100 @@
+"""The fixed-shape decode step (nanochat.decode, a CUDA graph on GPU) run eagerly on CPU: the same logits and
+greedy tokens as GPT.forward's KV-cache path, through Engine too (several rows, GQA, seeded sampling, reuse)."""
+
+import pytest
+import torch
+
+from nanochat.decode import Decoder, for_inference
+from nanochat.engine import Engine
+from nanochat.gpt import KVCache
+from tests.helpers_tiny import load_tiny
+from tests.test_engine import PROMPTS, prompt_ids
+
+
+@pytest.fixture
+def tiny(base_dir):
+    torch.set_num_threads(1)
+    model, tokenizer, _ = load_tiny(base_dir)
+    model = for_inference(model)
+    assert not model.training and model.lm_head.weight.dtype == torch.float32  # CPU: eval mode, fp32 as before
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def test_decode_step_equals_the_kv_cache_forward(tiny):
+    model, tokenizer = tiny
+    c = model.config
+    tokens = prompt_ids(tokenizer, "tell me about the owl")
+    prefill = KVCache(1, c.n_kv_head, len(tokens), c.n_embd // c.n_head, c.n_layer)
+    first = model(torch.tensor([tokens]), kv_cache=prefill)[:, -1]
+    reference = KVCache(3, c.n_kv_head, len(tokens) + 30, c.n_embd // c.n_head, c.n_layer)
+    reference.prefill(prefill)
+    decoder = Decoder(model, 3, 64)
+    decoder.prefill(prefill)
+    ids = first.argmax(-1, keepdim=True).expand(3, 1).contiguous()
+    ids[1] = 7  # rows that differ, so a mix-up between rows would show
+    for _ in range(30):
+        expected = model(ids, kv_cache=reference)[:, -1]
+        got = decoder.step(ids)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+        ids = expected.argmax(-1, keepdim=True)
+    assert decoder.cache.length == len(tokens) + 30
+    with pytest.raises(ValueError, match="Decoder full"):
+        for _ in range(64):
+            decoder.step(ids)
+
+
+def test_engine_greedy_tokens_identical_with_the_static_cache(tiny):
+    model, tokenizer = tiny
+    plain, static = Engine(model, tokenizer), Engine(model, tokenizer, static_cache=True)
+    assert not plain.static_cache and static.static_cache and not static.cuda_graph  # CPU: eager
+    for text in PROMPTS:
+        tokens = prompt_ids(tokenizer, text)
+        want = [col for col, _ in plain.generate(tokens, num_samples=2, max_tokens=40, temperature=0.0)]
+        got = [col for col, _ in static.generate(tokens, num_samples=2, max_tokens=40, temperature=0.0)]
+        assert got == want, text
+    # seeded sampling draws the same tokens too, and a reused decoder (same shape) starts clean
+    a = plain.generate_batch(prompt_ids(tokenizer, "hello"), num_samples=3, max_tokens=30, temperature=1.0, seed=3)
+    b = static.generate_batch(prompt_ids(tokenizer, "hello"), num_samples=3, max_tokens=30, temperature=1.0, seed=3)
+    assert a == b
+    assert sorted(static.decoders) == [(2, 128), (3, 128)]  # one per shape, reused (the context is 128)
+
+
+def test_interleaved_generations_do_not_share_a_decoder(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, static_cache=True)
+    a_tokens, b_tokens = prompt_ids(tokenizer, "hello"), prompt_ids(tokenizer, "tell me about the fox")
+    alone = [[col for col, _ in engine.generate(t, max_tokens=20, temperature=0.0)] for t in (a_tokens, b_tokens)]
+    a, b = engine.generate(a_tokens, max_tokens=20, temperature=0.0), engine.generate(b_tokens, max_tokens=20, temperature=0.0)
+    together = list(zip(a, b))  # one step of each in turn, on decoders of the same shape
+    assert [x for (x, _), _ in together] == alone[0][:len(together)]
+    assert [y for _, (y, _) in together] == alone[1][:len(together)]
+    assert not any(d.busy for d in engine.decoders.values())
+
+
+@torch.inference_mode()
+def test_decode_step_carries_every_model_switch():
+    """Value embeddings, per-layer scalars, the smear gate (its previous embedding kept in the static cache),
+    backout, QK scale: the fixed-shape step equals GPT.forward's KV-cache path, batch-1 prefill broadcast to 2."""
+    from tests.test_gpt import FULL, randomized
+    model = randomized(FULL, seed=1)
+    c = model.config
+    prompt = torch.tensor([[5, 17, 3, 88, 42, 9]])
+    prefill = KVCache(1, c.n_kv_head, 6, c.n_embd // c.n_head, c.n_layer)
+    model(prompt, kv_cache=prefill)
+    reference = KVCache(2, c.n_kv_head, 20, c.n_embd // c.n_head, c.n_layer)
+    reference.prefill(prefill)
+    decoder = Decoder(model, 2, 20)
+    decoder.prefill(prefill)
+    ids = torch.tensor([[1], [2]])
+    for _ in range(10):
+        expected = model(ids, kv_cache=reference)[:, -1]
+        got = decoder.step(ids)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        ids = expected.argmax(-1, keepdim=True)
+    # and the first decoded position against a full recompute of prompt + token (the smear reads the prompt's end)
+    fresh = Decoder(model, 2, 20)
+    fresh.prefill(prefill)
+    full = model(torch.cat([prompt.expand(2, -1), torch.tensor([[1], [2]])], dim=1))[:, -1]
+    torch.testing.assert_close(fresh.step(torch.tensor([[1], [2]])), full, rtol=0, atol=1e-4)
