@@ -37,7 +37,8 @@ from scripts.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="RL on GSM8K (policy gradient) from an SFT checkpoint, DDP or DiLoCo")
     parser.add_argument("-i", "--source", default="sft", choices=["mid", "sft", "rl"], help="checkpoint to start from")
-    parser.add_argument("--model-tag", default=None, help="model tag (default: the latest); the rl checkpoint keeps it")
+    parser.add_argument("--model-tag", default=None, help="model tag of the source (default: the latest)")
+    parser.add_argument("--output-tag", default=None, help="rl checkpoint folder (default: the source's model tag)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("--run", default="", help="wandb run name (default: no wandb)")
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=60, help="steps between pass@1 evals (0: start and end only)")
     parser.add_argument("--eval-examples", type=int, default=400, help="held-out problems per eval")
     parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last rl checkpoint of this model tag")
+    parser.add_argument("--resume", action="store_true", help="continue from the last rl checkpoint of --output-tag")
     parser.add_argument("--stop-after", type=int, default=-1,
                         help="save and exit after this step without changing the schedule (time-sliced jobs)")
     add_sync_args(parser)
@@ -227,7 +228,7 @@ def main(argv=None):
     scale_initial_lrs(optimizers, args.init_lr_frac)
     sync = make_sync(args, model, optimizers, groups)
 
-    ckpt_dir = checkpoint_dir("rl", meta["model_tag"])
+    ckpt_dir = checkpoint_dir("rl", args.output_tag or meta["model_tag"])
     metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
     resume, seconds_before = None, 0.0
     if args.resume:  # the weights, optimizers and sync, then the loop's step, history and reward window

@@ -4,7 +4,6 @@ second half) is honest end to end under DiLoCo on 2 processes."""
 
 import json
 import os
-import shutil
 
 import torch
 
@@ -113,7 +112,7 @@ def test_rl_stopped_and_resumed_equals_uninterrupted(base_dir, monkeypatch):
     """chat_rl.main with DiLoCo (H = 3, one worker in process; evals at 2 and 4 are mid-round), stopped after
     step 5 (mid-round, with a step's rewards in the window) and resumed, ends with the weights and records of
     the run that never stopped: the checkpoint holds the optimizers, the sync state, the step, the reward
-    window and the history; rollouts are seeded by slot."""
+    window and the history; rollouts are seeded by slot. --output-tag puts it in a folder of its own."""
     tiny(base_dir)
     monkeypatch.setattr(chat_rl, "gsm8k_split",
                         lambda: (PlaceTask(ANIMALS[:6], "desert"), PlaceTask(ANIMALS[6:], "desert"), "place", None))
@@ -123,17 +122,17 @@ def test_rl_stopped_and_resumed_equals_uninterrupted(base_dir, monkeypatch):
     ckpt = checkpoint_dir("rl", TAG)
     timings = ("dt", "outer_wait_seconds")
 
-    def finished_run():
+    def finished_run(ckpt):
         state, _, _, _ = load_checkpoint(ckpt, 6, "cpu")
         with open(os.path.join(ckpt, "metrics.jsonl")) as f:
             return state, [{k: v for k, v in json.loads(line).items() if k not in timings} for line in f]
 
     chat_rl.main(argv)
-    whole_state, whole = finished_run()
-    shutil.rmtree(ckpt)
-    chat_rl.main(argv + ["--stop-after", "5"])
-    chat_rl.main(argv + ["--resume"])
-    parts_state, parts = finished_run()
+    whole_state, whole = finished_run(ckpt)
+    parted = argv + ["--output-tag", "parts"]  # the interrupted run goes to its own folder, beside the whole one
+    chat_rl.main(parted + ["--stop-after", "5"])
+    chat_rl.main(parted + ["--resume"])
+    parts_state, parts = finished_run(checkpoint_dir("rl", "parts"))
     assert [r["step"] for r in whole if "reward" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in whole if "pass@1" in r] == [0, 2, 4, 6]
     assert sum(r["informative"] for r in whole if "reward" in r) > 0  # real gradients moved the weights
