@@ -11,9 +11,9 @@ model and optimizer trained on the very same batches, for a side-by-side.
 Every run trains from scratch in its own process (one thread; --jobs of them at once) on fixed batches cut
 from the offline pretraining shards: steps x 8,192 tokens of sequence 256, a different slice of the train
 split per seed (seed s also seeds the init), the same val batches for all. Val bpb is computed here, one
-formula for every arm. Tokens/s is measured apart, after the bpb runs, with the machine's threads: every
-variant built in one process and stepped in rotating order, so each sees the same machine; the median per
-variant is reported (nanochat: its own process, alternating with ours in rounds). Peak RSS is the bpb run's.
+formula for every arm. Tokens/s is measured apart, after the bpb runs, with the machine's threads, for base,
+nanochat and the candidates that lowered bpb: each measurement a process of its own, the variants alternating,
+the median of a few rounds. Peak RSS is a bpb run's own high-water mark.
 
 A change is kept when it lowers the mean val bpb by more than two standard errors of the difference (seed
 noise) and costs at most 3 % tokens/s. Results are cached per run (--fresh to redo) in
@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -97,7 +96,8 @@ def run_one(job):
     seed, steps = job["seed"], job["steps"]
     shape = SHAPES[job["shape"]]
     per_step = BATCH_TOKENS // SEQ
-    train = data["train"][seed * steps * per_step:(seed + 1) * steps * per_step].long()
+    start = seed * job.get("data_steps", steps) * per_step  # a shorter equal-time run reads the start of its seed's slice
+    train = data["train"][start:start + steps * per_step].long()
     if train.size(0) < steps * per_step:
         raise SystemExit(f"cached batches hold too few rows for seed {seed}: rerun with --fresh")
     vocab = data["vocab_size"]
@@ -124,7 +124,13 @@ def run_one(job):
     val = data["val"].long()
     bpb = bits_per_byte(model, val[:, :, :-1].contiguous(), val[:, :, 1:].contiguous(), data["token_bytes"])
     return dict(bpb=bpb, step_s=statistics.median(times[2:]) if len(times) > 2 else times[-1],
-                final_loss=losses[-1], losses=losses, rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                final_loss=losses[-1], losses=losses, rss_mib=peak_rss_mib())
+
+
+def peak_rss_mib():
+    """This process's own peak RSS (VmHWM; getrusage's maxrss would carry the parent's over fork + exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def model_config(shape, vocab, overrides):
@@ -242,10 +248,13 @@ def run_all(jobs, results, results_path, parallel):
         print(f"  [{done}/{done + len(todo) + len(running)}] {job['variant']:9s} seed {job['seed']}: val bpb {r['bpb']:.4f} "
               f"(loss {r['final_loss']:.3f}, {BATCH_TOKENS / r['step_s']:,.0f} tok/s at 1 thread, "
               f"{r['rss_mib']:.0f} MiB) {time.time() - t_start:.0f} s", flush=True)
-        tmp = results_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f)
-        os.replace(tmp, results_path)
+        save(results, results_path)
+
+
+def save(results, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f)
+    os.replace(path + ".tmp", path)
 
 
 def key(job):
@@ -253,42 +262,22 @@ def key(job):
     return f"{job['variant']}[{tag}]/seed{job['seed']}/steps{job['steps']}"
 
 
-def speed(variants, keep, shape, vocab, rounds, nanochat, batches, steps):
-    """Tokens/s per variant with the machine's threads: our variants stepped in rotating order in one process;
-    nanochat in its own processes, alternating with ours (base) in rounds."""
-    from nanochat.gpt import GPT
-    torch.manual_seed(0)
-    data = torch.load(batches)
-    rows = data["train"][:BATCH_TOKENS // SEQ].long()
-    built = {}
-    for v in variants:
-        spec = variant_spec(v, keep)
-        model = GPT(model_config(SHAPES[shape], vocab, spec["config"]))
-        model.init_weights()
-        built[v] = (model, model.setup_optimizers(**LRS, **spec["optim"]))
-    times = {v: [] for v in variants}
-    for r in range(rounds + 1):  # round 0 warms up
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for v in order:
-            model, opts = built[v]
-            t0 = time.perf_counter()
-            model(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()).backward()
-            for opt in opts:
-                opt.step()
-            model.zero_grad(set_to_none=True)
-            if r:
-                times[v].append(time.perf_counter() - t0)
-    out = {v: BATCH_TOKENS / statistics.median(t) for v, t in times.items()}
-    if nanochat:  # whole processes alternate: ours (base) and nanochat's, 12 steps each, median of steps 3..12
-        threads = torch.get_num_threads()
-        pair = {"base": [], "nanochat": []}
-        for r in range(3):
-            for v in ("base", "nanochat") if r % 2 == 0 else ("nanochat", "base"):
-                job = dict(variant=v, seed=0, steps=min(12, steps), shape=shape, keep=keep, threads=threads, batches=batches,
-                           nanochat=nanochat)
-                pair[v].append(BATCH_TOKENS / collect(launch(job), job)["step_s"])
-        out["nanochat"] = statistics.median(pair["nanochat"]) * out["base"] / statistics.median(pair["base"])
-    return out
+def speed(variants, keep, shape, rounds, nanochat, batches, steps, threads, cache):
+    """Tokens/s per variant with the machine's threads: each measurement is a process of its own (10 steps, the
+    median of the last 8), the variants alternating in rotating order for `rounds` rounds; median per variant.
+    (Several models stepped in turn inside one process measured identical models up to 10 % apart.) `cache`
+    holds earlier passes' measurements by the same key (--fresh drops them)."""
+    name = f"{','.join(variants)}[{','.join(keep)}]"
+    if len(cache.get(name, {}).get(variants[0], [])) >= rounds:
+        return {v: statistics.median(t) for v, t in cache[name].items()}
+    times = cache[name] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            job = dict(variant=v, seed=0, steps=min(10, steps), shape=shape, keep=keep, threads=threads,
+                       batches=batches, nanochat=nanochat)
+            times[v].append(BATCH_TOKENS / collect(launch(job), job)["step_s"])
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{v} {t[-1]:,.0f}" for v, t in times.items()), flush=True)
+    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def main():
@@ -302,7 +291,7 @@ def main():
                                                    "keep rule in this run's results)")
     parser.add_argument("--nanochat", default="", help="path to a karpathy/nanochat checkout: add its model as an arm")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
-    parser.add_argument("--speed-rounds", type=int, default=10, help="timed steps per variant in the tokens/s pass (0: skip)")
+    parser.add_argument("--speed-rounds", type=int, default=3, help="tokens/s measurements per variant (0: skip)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs and batches")
     parser.add_argument("--run-one", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -328,7 +317,6 @@ def main():
     batches = os.path.join(out_dir, f"batches_{args.steps}x{args.seeds}.pt")
     if args.fresh or not os.path.exists(batches):
         prepare_batches(batches, args.steps, args.seeds)
-    vocab = torch.load(batches)["vocab_size"]
     results_path = os.path.join(out_dir, "results.json")
     results = {} if args.fresh or not os.path.exists(results_path) else json.load(open(results_path))
 
@@ -357,30 +345,43 @@ def main():
 
     for v in singles:
         rows.append((v, *stats(v)))
-    # tokens/s for the singles first: the keep rule needs them
+    # the keep rule: a bpb gain beyond seed noise, then tokens/s (measured for those candidates only)
+    gains = [v for v, mean, sd, diff, se in rows if v in CANDIDATES and diff < -2 * se]
+    threads = os.cpu_count()
     tok_s = {}
-    if args.speed_rounds:
-        print("tokens/s pass...", flush=True)
-        tok_s = speed([v for v in singles if v != "nanochat"], [], args.shape, vocab, args.speed_rounds,
-                      args.nanochat if "nanochat" in singles else "", batches, args.steps)
+    if args.speed_rounds and base is not None:
+        print(f"tokens/s of base, the candidates that lower bpb ({', '.join(gains) or 'none'}) and nanochat, "
+              f"{threads} threads...", flush=True)
+        tok_s = speed(["base"] + gains + (["nanochat"] if "nanochat" in singles else []), [], args.shape,
+                      args.speed_rounds, args.nanochat, batches, args.steps, threads, results.setdefault("speed", {}))
     keep = [k for k in args.keep.split(",") if k]
-    if not keep and base is not None:
-        for v, mean, sd, diff, se in rows:
-            cheap = not tok_s or tok_s[v] >= 0.97 * tok_s["base"]
-            if v in CANDIDATES and diff < -2 * se and cheap:
+    equal_time = {}  # a slower candidate may still pay for itself: fewer steps, in proportion, must still beat base
+    if not keep:
+        for v in gains:
+            if not tok_s or tok_s[v] >= 0.97 * tok_s["base"]:
+                keep.append(v)
+                continue
+            n = round(args.steps * tok_s[v] / tok_s["base"])
+            jobs = [dict(j, steps=n, data_steps=args.steps) for j in jobs_for([v], [])]
+            print(f"{v}: {tok_s[v] / tok_s['base'] - 1:+.1%} tokens/s; at equal wall time it takes {n} steps", flush=True)
+            run_all(jobs, results, results_path, args.jobs)
+            diffs = [results[key(j)]["bpb"] - b for j, b in zip(jobs, base)]
+            equal_time[v] = (n, statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0)
+            if equal_time[v][1] < -2 * equal_time[v][2]:
                 keep.append(v)
     if "all" in variants and keep:
         run_all(jobs_for(["all"], keep), results, results_path, args.jobs)
         rows.append(("all", *stats("all", keep)))
-        if args.speed_rounds:
-            tok_s.update({"all": speed(["base", "all"], keep, args.shape, vocab, args.speed_rounds, "", batches, args.steps)["all"]
-                          * tok_s["base"] / speed(["base"], [], args.shape, vocab, args.speed_rounds, "", batches, args.steps)["base"]})
+        if args.speed_rounds and base is not None:  # against base again, in a pass of their own
+            pair = speed(["base", "all"], keep, args.shape, args.speed_rounds, "", batches, args.steps, threads,
+                         results.setdefault("speed", {}))
+            tok_s["all"] = pair["all"] * tok_s["base"] / pair["base"]
 
     # the table
     lines = [f"# Model ablation: {args.shape} {SHAPES[args.shape]}, {args.steps} steps x {BATCH_TOKENS:,} tokens, "
              f"{args.seeds} seeds", "",
-             f"kept (lower mean val bpb than base by more than 2 standard errors, tokens/s within 3 %): "
-             f"{', '.join(keep) or 'none'}", "",
+             f"kept (lower mean val bpb than base by more than 2 standard errors, tokens/s within 3 % or still lower "
+             f"at equal wall time): {', '.join(keep) or 'none'}", "",
              "| variant | change | val bpb mean | sd | vs base (paired) | 2 SE | tokens/s | vs base | peak RSS MiB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for v, mean, sd, diff, se in rows:
@@ -393,9 +394,14 @@ def main():
         rel = f"{ts / tok_s['base'] - 1:+.1%}" if ts and "base" in tok_s else ""
         lines.append(f"| {v} | {what} | {mean:.4f} | {sd:.4f} | {diff:+.4f} | {2 * se:.4f} | "
                      f"{f'{ts:,.0f}' if ts else ''} | {rel} | {rss:.0f} |")
+    for v, (n, diff, se) in equal_time.items():
+        lines.insert(3, f"- {v} at equal wall time ({n} steps): {diff:+.4f} bpb vs base (2 SE {2 * se:.4f}): "
+                        f"{'kept, it pays for its cost' if v in keep else 'dropped'}")
     lines += ["", f"Machine: {os.cpu_count()} CPU threads; bpb runs one thread each, {args.jobs} at once; tokens/s with "
-              f"{torch.get_num_threads()} threads, median of {args.speed_rounds} interleaved steps."]
+              f"{os.cpu_count()} threads, one process per measurement, median of {args.speed_rounds} rounds ('all': "
+              f"scaled by base's figure from its own pass); peak RSS: a bpb run's VmHWM."]
     table = "\n".join(lines) + "\n"
+    save(results, results_path)  # with the tokens/s measurements
     with open(os.path.join(out_dir, f"ablation_{args.steps}.md"), "w") as f:
         f.write(table)
     print(table)
