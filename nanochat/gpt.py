@@ -55,9 +55,9 @@ class GPTConfig:
     lambdas: bool = False  # learnable per-layer scale of the residual stream and blend-in of the input embedding x0
     smear: bool = False  # a gated share of the previous token's embedding added to each position (cheap bigram)
     backout: bool = False  # subtract a learned share of the mid-depth residual stream before the final norm
-    qk_scale: float = 1.0  # queries and keys multiplied by this after QK-norm (> 1: sharper attention)
+    qk_scale: float = 1.2  # queries and keys multiplied by this after QK-norm (> 1: sharper attention)
     rotary_base: float = 10000.0
-    init: str = "normal"  # "normal": N(0, fan-in scaled); "uniform": same std from U(-s, s), c_fc x0.4, wte std 0.8
+    init: str = "uniform"  # "normal": N(0, fan-in scaled); "uniform": same std from U(-s, s), c_fc x0.4, wte std 0.8
 
     @classmethod
     def from_saved(cls, saved):
@@ -334,7 +334,7 @@ class GPT(nn.Module):
         return 6 * nparams + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         scalar_lr=0.5, adamw_betas="flat", muon_ortho="ns5", muon_beta2=None,
+                         scalar_lr=0.5, adamw_betas="flat", muon_ortho="ns5", muon_beta2=0.9,
                          muon_weight_decay=0.0, process_group=None):
         """[AdamW for lm_head, embeddings and scalars; Muon for the block matrices], both over `process_group`.
         weight_decay: AdamW's on lm_head and the embeddings (with adamw_betas="flat": one beta pair for all
