@@ -1,5 +1,5 @@
 """
-Model and optimizer ablation: val bpb at equal tokens and tokens/s for today's model, each candidate change
+Model and optimizer ablation: val bpb at equal tokens and tokens/s for the old defaults, each candidate change
 added to it alone, and the kept changes together, over several seeds; optionally karpathy/nanochat's current
 model and optimizer trained on the very same batches, for a side-by-side.
 
@@ -385,7 +385,7 @@ def main():
              "| variant | change | val bpb mean | sd | vs base (paired) | 2 SE | tokens/s | vs base | peak RSS MiB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for v, mean, sd, diff, se in rows:
-        what = CANDIDATES[v][0] if v in CANDIDATES else {"base": "today's model", "nanochat": "karpathy/nanochat main",
+        what = CANDIDATES[v][0] if v in CANDIDATES else {"base": "the old defaults (first release)", "nanochat": "karpathy/nanochat main",
                                                          "all": "+".join(keep)}[v]
         ks = [results[key(dict(variant=v, seed=s, steps=args.steps, keep=keep if v == "all" else []))]
               for s in range(args.seeds)]
