@@ -309,7 +309,7 @@ def main():
         args.nanochat = os.path.abspath(os.path.expanduser(args.nanochat))
         if not os.path.exists(os.path.join(args.nanochat, "nanochat", "gpt.py")):
             raise SystemExit(f"error: --nanochat {args.nanochat} is not a karpathy/nanochat checkout (no nanochat/gpt.py)")
-        variants.append("nanochat")
+        variants += [] if "nanochat" in variants else ["nanochat"]
     if args.steps < 3 or args.seeds < 1:
         raise SystemExit("error: --steps must be at least 3 and --seeds at least 1")
     out_dir = os.path.join(get_base_dir(), "bench", "model", args.shape)
@@ -385,8 +385,8 @@ def main():
              "| variant | change | val bpb mean | sd | vs base (paired) | 2 SE | tokens/s | vs base | peak RSS MiB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for v, mean, sd, diff, se in rows:
-        what = CANDIDATES[v][0] if v in CANDIDATES else {"base": "the old defaults (first release)", "nanochat": "karpathy/nanochat main",
-                                                         "all": "+".join(keep)}[v]
+        labels = {"base": "the old defaults (first release)", "nanochat": "karpathy/nanochat main", "all": "+".join(keep)}
+        what = CANDIDATES[v][0] if v in CANDIDATES else labels[v]
         ks = [results[key(dict(variant=v, seed=s, steps=args.steps, keep=keep if v == "all" else []))]
               for s in range(args.seeds)]
         rss = max(r["rss_mib"] for r in ks)

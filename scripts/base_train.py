@@ -67,8 +67,8 @@ parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's (lm
 parser.add_argument("--muon-weight-decay", type=float, default=0.28,
                     help="Muon's cautious weight decay, falling to zero over training as a cosine (0: off)")
 parser.add_argument("--warmup-ratio", type=float, default=0.0)
-parser.add_argument("--warmdown-ratio", type=float, default=0.65)
-parser.add_argument("--final-lr-frac", type=float, default=0.05)
+parser.add_argument("--warmdown-ratio", type=float, default=0.2)
+parser.add_argument("--final-lr-frac", type=float, default=0.0)
 # evaluation, sampling, checkpoints
 parser.add_argument("--eval-every", type=int, default=None, help="steps between val bpb evals (0: only at the end)")
 parser.add_argument("--eval-tokens", type=int, default=None, help="val tokens per eval")
