@@ -8,6 +8,12 @@ overhead of the sync wrapper against plain local training.
                                       # Streaming DiLoCo (F, tau) in {(1, 1), (4, 0), (4, 1)}; overlap check
     python -m bench.bench_diloco --num-iterations 100 --hs 10 --compressions bf16,int8 --streaming ""
     python -m bench.bench_diloco --preset d20 --nproc 8              # any unknown flag goes to scripts.base_train
+    python -m bench.bench_diloco --sweep --num-iterations 400         # outer lr x momentum x H x workers, and recipes
+
+--sweep trains DDP and every point of the grid --sweep-lrs x --sweep-momenta x --sweep-hs x --sweep-workers
+(48 runs by default), then the --recipes (drift-aware variants and compressed exchanges), and ranks them by
+val bpb with their bytes across workers: which settings close DiLoCo's gap to DDP at which communication.
+A finished run with the same flags is never run twice (an interrupted sweep continues where it stopped).
 
 Every arm is one `torchrun -m scripts.base_train` run with the same seed, data order and number of steps;
 the only eval is the final one (`--eval-every 0`). Each fragment syncs every H steps (staggered by H/F), plus
@@ -44,6 +50,14 @@ from nanochat.gpt import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Drift-aware variants and compressed exchanges for the sweep (2 workers, outer lr 0.7, Nesterov 0.9 unless set)
+RECIPES = {
+    "final_average": ["--diloco-h", "50", "--outer-final-average", "1"],   # no extrapolation into the final weights
+    "lr_warmup": ["--diloco-h", "50", "--outer-lr-warmup", "2"],           # small outer steps while workers disagree
+    "h10_int4": ["--diloco-h", "10", "--outer-compression", "int4"],       # 5x the syncs, each 8x smaller
+    "h10_int4_final_average": ["--diloco-h", "10", "--outer-compression", "int4", "--outer-final-average", "1"],
+}
+
 parser = argparse.ArgumentParser(description="Benchmark DiLoCo against DDP: bpb gap, bytes, wall time, wrapper overhead",
                                  epilog="Any other flag is passed on to scripts.base_train for every arm "
                                         "(e.g. --preset d20 --device-batch-size 8).")
@@ -66,6 +80,13 @@ parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: au
 parser.add_argument("--overhead-h", type=int, default=0, help="H of the overhead measurement (default: the smallest H)")
 parser.add_argument("--overhead-rounds", type=int, default=5, help="interleaved rounds of the overhead measurement (0: skip)")
 parser.add_argument("--out", default="", help="directory for diloco.json, diloco.md and the logs (default: base_dir/bench)")
+parser.add_argument("--sweep", action="store_true", help="the hyper-parameter sweep and the recipes instead of the arms above")
+parser.add_argument("--sweep-lrs", default="0.4,0.7,1.0", help="outer learning rates of the sweep")
+parser.add_argument("--sweep-momenta", default="0.8,0.9", help="outer Nesterov momenta of the sweep")
+parser.add_argument("--sweep-hs", default="10,25,50,100", help="H of the sweep")
+parser.add_argument("--sweep-workers", default="2,4", help="DiLoCo workers of the sweep (one process each)")
+parser.add_argument("--recipes", default="final_average,lr_warmup,h10_int4,h10_int4_final_average",
+                    help=f"named recipes run after the grid, from: {', '.join(RECIPES)} ('' = none)")
 args, train_args = parser.parse_known_args()
 
 hs = [int(h) for h in args.hs.split(",") if h]
@@ -97,28 +118,32 @@ def diloco_flags(h, compression, fragments=1, overlap=0):
             "--diloco-fragments", str(fragments), "--diloco-overlap", str(overlap)]
 
 
-def run_arm(name, sync, steps=None):
-    """One training run under torchrun; returns its final checkpoint meta, metrics, wall time and exit code."""
-    steps = steps or N
+def run_arm(name, sync, steps=None, nproc=None, reuse=None):
+    """One training run under torchrun on nproc processes (default --nproc); returns its final checkpoint meta,
+    metrics, wall time and exit code. reuse (default --reuse): take a finished run with the same flags."""
+    steps, nproc = steps or N, nproc or W
+    reuse = args.reuse if reuse is None else reuse
     tag = f"bench_{name}"
     ckpt = checkpoint_dir("base", tag)
     meta_path = os.path.join(ckpt, f"step_{steps:06d}", "meta.json")  # written last, atomically: complete if present
-    if args.reuse and os.path.exists(meta_path):
+    if reuse and os.path.exists(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
         flags = dict(zip(sync[::2], sync[1::2]))
         want = {"num_iterations": steps, "seed": args.seed, "sync": flags["--sync"],
                 **{k.removeprefix("--").replace("-", "_"): v for k, v in flags.items() if k != "--sync"}}
-        if all(str(meta["user_config"].get(k)) == str(v) for k, v in want.items()):
+        if meta["world_size"] == nproc and all(str(meta["user_config"].get(k)) == str(v) for k, v in want.items()):
             print(f"  reusing the finished run in {ckpt}", flush=True)
             with open(os.path.join(ckpt, "metrics.jsonl")) as f:
                 return meta, [json.loads(line) for line in f], float("nan"), 0
     shutil.rmtree(ckpt, ignore_errors=True)  # never read a previous run's figures
     device = ["--device-type", args.device_type] if args.device_type else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={W}",
+    # the tiny preset's 16 rows per micro-step are more than one of 4+ ranks takes per step: use what it takes
+    rows = ["--device-batch-size", str(max(1, 32 // nproc))] if nproc > 2 and "--device-batch-size" not in train_args else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "scripts.base_train", "--preset", "tiny", "--num-iterations", str(steps), "--seed", str(args.seed),
            "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--model-tag", tag,
-           *sync, *device, *train_args]
+           *sync, *rows, *device, *train_args]
     log_path = os.path.join(out_dir, "logs", f"{name}.log")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank, as the tiny preset was sized
@@ -248,6 +273,64 @@ def measure_overhead(meta, h, rounds):
     }
 
 
+def run_sweep():
+    """DDP, the grid and the recipes (finished runs are reused), ranked by val bpb; sweep.md and sweep.json."""
+    floats = lambda text: [float(v) for v in text.split(",") if v]
+    ints = lambda text: [int(v) for v in text.split(",") if v]
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise SystemExit(f"error: unknown recipe(s) {unknown}: choose from {', '.join(RECIPES)}")
+    specs = [("ddp", ["--sync", "ddp"], W, {})]
+    for h in ints(args.sweep_hs):
+        for lr in floats(args.sweep_lrs):
+            for mom in floats(args.sweep_momenta):
+                for w in ints(args.sweep_workers):
+                    flags = ["--sync", "diloco", "--diloco-h", str(h), "--outer-lr", str(lr), "--outer-momentum", str(mom)]
+                    specs.append((f"sweep_h{h}_lr{lr}_m{mom}_w{w}", flags, w, dict(h=h, lr=lr, momentum=mom, workers=w)))
+    specs += [(f"recipe_{r}", ["--sync", "diloco", *RECIPES[r]], W, dict(recipe=" ".join(RECIPES[r]))) for r in recipes]
+    rows = []
+    for i, (name, flags, w, knobs) in enumerate(specs):
+        print(f"[{i + 1}/{len(specs)}] {name}: {N} steps on {w} processes ...", flush=True)
+        meta, _, wall, _ = run_arm(name, flags, nproc=w, reuse=True)
+        across = meta["outer_bytes"] if meta["sync"] == "diloco" else meta["inner_bytes"]
+        rows.append({"arm": name, **knobs, "val_bpb": meta["val_bpb"], "bytes_across_workers": across,
+                     "train_seconds": meta["train_seconds"], "wall_seconds": wall})
+        print(f"  val bpb {meta['val_bpb']:.4f} | {across:,} B across workers", flush=True)
+    ddp = rows[0]
+    default = next((r for r in rows if r["arm"] == "sweep_h50_lr0.7_m0.9_w2"), None)
+    for r in rows:
+        r["gap_vs_ddp"] = r["val_bpb"] - ddp["val_bpb"]
+        r["ddp_bytes_over_arm"] = ddp["bytes_across_workers"] / r["bytes_across_workers"]
+        r["gap_vs_default"] = r["gap_vs_ddp"] / default["gap_vs_ddp"] if default and default["gap_vs_ddp"] > 0 else None
+    lines = [f"DiLoCo sweep: {N} steps x the preset's tokens per step, seed {args.seed}, device {device_type}; DDP on {W} "
+             f"processes; ranked by val bpb", "",
+             "| arm | val bpb | gap vs DDP | gap / default's | DDP bytes / arm | bytes across workers | train s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: r["val_bpb"]):
+        rel = "-" if r["gap_vs_default"] is None else f"{r['gap_vs_default']:.2f}"
+        lines.append(f"| {r['arm']} | {r['val_bpb']:.4f} | {r['gap_vs_ddp']:+.4f} | {rel} | {r['ddp_bytes_over_arm']:,.1f} | "
+                     f"{r['bytes_across_workers']:,} | {r['train_seconds']:.0f} |")
+    lines += ["", "gap / default's: the arm's val bpb gap to DDP over that of default DiLoCo (H 50, outer lr 0.7, Nesterov 0.9, "
+              "2 workers); below 0.5 halves it. DDP bytes / arm: how many times fewer bytes than DDP crossed between "
+              "workers. Recipes: " + "; ".join(f"{r}: {' '.join(RECIPES[r])}" for r in recipes) + "."]
+    table = "\n".join(lines)
+    print("\n" + table)
+    write_atomic(os.path.join(out_dir, "sweep.md"), table + "\n")
+    write_atomic(os.path.join(out_dir, "sweep.json"), json.dumps({"num_iterations": N, "seed": args.seed, "rows": rows}, indent=2))
+    print(f"\nwrote {os.path.join(out_dir, 'sweep.md')} and sweep.json")
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+if args.sweep:
+    run_sweep()
+    raise SystemExit(0)
+
 # Training arms: DDP first (the baseline), then every H x codec and every H x streaming (F, tau)
 arm_specs = [("ddp", None, "none", 1, 0)]
 for h in hs:
@@ -345,12 +428,6 @@ if overhead:
               f"{100 * overhead['outer_step_amortised_frac']:.2f}% of a plain inner step once amortised over H."]
 table = "\n".join(lines)
 print("\n" + table)
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 write_atomic(os.path.join(out_dir, "diloco.md"), table + "\n")

@@ -33,7 +33,12 @@ afterwards. state_dict() holds everything needed to continue exactly at any step
 optimizer and codec state, this worker's own weights, the inner-step counter and the results of exchanges
 in flight (drained at the save point: waiting earlier changes no number).
 
-The outer learning rate is constant (as in the paper); the inner optimizers carry the LR schedule.
+The outer learning rate is constant (as in the paper) unless one of two drift-aware variants is asked for:
+--outer-lr-warmup N raises it linearly over the first N x H inner steps (small early outer steps while the
+workers' pseudo-gradients still point far apart), and --outer-final-average makes the exchange applied at the
+end of training a plain average of the workers (outer lr 1, no momentum: nothing extrapolated into the final
+weights). Both only rescale what the outer optimizer is given and depend only on the step an exchange was
+launched at, so resume stays exact. The inner optimizers carry the inner LR schedule.
 """
 
 import os
@@ -62,6 +67,12 @@ def add_sync_args(parser):
     g.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (constant)")
     g.add_argument("--outer-momentum", type=float, default=0.9, help="outer SGD momentum")
     g.add_argument("--outer-nesterov", type=int, choices=[0, 1], default=1, help="Nesterov outer momentum")
+    g.add_argument("--outer-lr-warmup", type=int, default=0,
+                   help="outer lr rises linearly over the first N x H inner steps: an exchange launched at step s "
+                        "uses lr x min(1, s / (N H)) (0: constant)")
+    g.add_argument("--outer-final-average", type=int, choices=[0, 1], default=0,
+                   help="1: the exchange applied at the end of training (launched at the last step) is a plain average "
+                        "of the workers: outer lr 1, no momentum")
     g.add_argument("--outer-device", choices=["cpu", "gpu"], default="gpu",
                    help="where theta_global and the outer momentum live (gpu = the model's device; cpu: pinned "
                         "host memory, copied asynchronously, the exchange itself still on the GPU)")
@@ -160,6 +171,9 @@ class DDPSync:
     def later_device_bytes(self):
         return 0  # nothing beyond the model and its inner optimizers
 
+    def set_total_steps(self, steps):
+        pass  # no outer schedule
+
     def synchronize(self):
         pass  # replicas never drift
 
@@ -184,11 +198,13 @@ class DiLoCoSync:
     mode = "diloco"
 
     def __init__(self, model, optimizers, groups, h, outer_optimizer, codec_factory, outer_device="gpu",
-                 fragments=1, overlap=0, alpha=0.0, membership_factory=None):
+                 fragments=1, overlap=0, alpha=0.0, membership_factory=None, lr_warmup=0, final_average=False):
         """outer_optimizer: params -> torch.optim.Optimizer over theta_global (fp32); it is stepped one
         fragment at a time (only that fragment's tensors carry a gradient). codec_factory: (sizes, device) -> codec.
         membership_factory: (heal_state_fn, heal_fn) -> TorchftMembership for --elastic (diloco/membership.py):
-        the outer exchange then runs over whichever workers are present, and this worker joins at once."""
+        the outer exchange then runs over whichever workers are present, and this worker joins at once.
+        lr_warmup, final_average: the outer schedule (--outer-lr-warmup, --outer-final-average; module docstring);
+        final_average needs set_total_steps()."""
         if h < 1:
             raise ValueError(f"--diloco-h {h}: must be >= 1")
         if not 1 <= fragments <= h:
@@ -200,6 +216,9 @@ class DiLoCoSync:
                              f"launched after the first inner step and must land before the fragment's next launch")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"--fragment-alpha {alpha}: must be in [0, 1]")
+        if lr_warmup < 0:
+            raise ValueError(f"--outer-lr-warmup {lr_warmup}: must be >= 0 (outer steps)")
+        self.lr_warmup, self.final_average, self.total_steps = lr_warmup, final_average, None
         self.model, self.optimizers, self.groups = model, optimizers, groups
         self.h, self.overlap, self.alpha = h, overlap, alpha
         broadcast_parameters(model)
@@ -286,9 +305,40 @@ class DiLoCoSync:
         if self.executor is None:
             self.wait_seconds += time.perf_counter() - t0
 
+    def set_total_steps(self, steps):
+        """The inner steps of the whole run (the stage's schedule), for --outer-final-average."""
+        self.total_steps = steps
+
+    @contextmanager
+    def _outer_schedule(self, launched_at):
+        """The outer optimizer's lr (and momentum) for the exchange launched at inner step `launched_at`."""
+        scale, plain_average = 1.0, False
+        if self.final_average:
+            if self.total_steps is None:
+                raise RuntimeError("--outer-final-average: the training script must call sync.set_total_steps(n)")
+            plain_average = launched_at >= self.total_steps
+        if self.lr_warmup:
+            scale = min(1.0, launched_at / (self.lr_warmup * self.h))
+        if scale == 1.0 and not plain_average:
+            yield
+            return
+        groups = self.outer_optimizer.param_groups
+        saved = [dict(g) for g in groups]
+        for g in groups:
+            g["lr"] = 1.0 if plain_average else g["lr"] * scale
+            if plain_average and "momentum" in g:
+                g["momentum"] = 0.0  # SGD then neither reads nor updates its momentum buffer
+        try:
+            yield
+        finally:
+            for g, old in zip(groups, saved):
+                g.update({k: old[k] for k in ("lr", "momentum") if k in old})
+
     def _finish(self, f):
         frag = self.fragments[f]
-        self.wait_seconds += frag.finish(self.pending.pop(f), self.outer_optimizer, self.alpha)
+        pending = self.pending.pop(f)
+        with self._outer_schedule(pending.launched_at):
+            self.wait_seconds += frag.finish(pending, self.outer_optimizer, self.alpha)
         self._share_within_worker(frag)
         self.num_syncs += 1
 
@@ -507,7 +557,8 @@ def make_sync(args, model, optimizers, groups, outer_optimizer=None):
     return DiLoCoSync(model, optimizers, groups, h=args.diloco_h, outer_optimizer=outer_optimizer,
                       codec_factory=lambda sizes, device: make_codec(args, sizes, device, momentum=args.outer_momentum),
                       outer_device=args.outer_device, fragments=args.diloco_fragments, overlap=args.diloco_overlap,
-                      alpha=args.fragment_alpha, membership_factory=membership_factory)
+                      alpha=args.fragment_alpha, membership_factory=membership_factory,
+                      lr_warmup=args.outer_lr_warmup, final_average=bool(args.outer_final_average))
 
 
 def _torchft_membership(args, state_fn, load_fn, model):

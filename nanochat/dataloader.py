@@ -95,6 +95,15 @@ class RowGroups:
         return self.pf.read_row_group(index - self.starts[shard], columns=["text"], use_threads=False).column("text").to_pylist()
 
 
+def item_order(count, data_seed=0):
+    """Which item each position of an epoch reads: the dataset's own order (data_seed 0), or a permutation drawn
+    from data_seed (the same for every epoch and rank, so positions and resume stay as they are)."""
+    if not data_seed:
+        return lambda i: i % count
+    perm = torch.randperm(count, generator=torch.Generator().manual_seed(data_seed)).tolist()
+    return lambda i: perm[i % count]
+
+
 def _token_batches(cursor, tokens_of, B, T, device):
     """(inputs, targets, state) batches cut from the concatenated tokens of the cursor's items."""
     needed = B * T + 1
@@ -118,8 +127,9 @@ def _token_batches(cursor, tokens_of, B, T, device):
 
 
 def tokenizing_distributed_data_loader(B, T, split, tokenizer=None, device="cpu", rank=None, world_size=None,
-                                       resume_state=None, tokenizer_threads=4):
-    """Pretraining batches over the split's row groups; resume_state: a global position (merge_loader_states)."""
+                                       resume_state=None, tokenizer_threads=4, data_seed=0):
+    """Pretraining batches over the split's row groups; resume_state: a global position (merge_loader_states);
+    data_seed: the order of the row groups (item_order)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if tokenizer is None:
@@ -129,38 +139,44 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer=None, device="cpu"
         _, rank, _, world_size = get_dist_info()
     bos = tokenizer.get_bos_token_id()
     row_groups = RowGroups(split)
+    order = item_order(row_groups.count, data_seed)
 
     def tokens_of(index):
-        docs = row_groups.read(index % row_groups.count)
+        docs = row_groups.read(order(index))
         return [t for doc in tokenizer.encode(docs, prepend=bos, num_threads=tokenizer_threads) for t in doc]
 
     return _token_batches(Cursor(rank, world_size, resume_state), tokens_of, B, T, device)
 
 
-def conversation_stream_loader(task, tokenizer, B, T, device="cpu", rank=0, world_size=1, resume_state=None):
+def conversation_stream_loader(task, tokenizer, B, T, device="cpu", rank=0, world_size=1, resume_state=None,
+                               data_seed=0):
     """Midtraining batches: rank r renders conversations r, r+W, ... of `task` (global indices across epochs) and
     packs their tokens into a stream, like pretraining (every token is a target; the model learns the chat
     format itself). Loops over the task forever; yields (inputs, targets, state), state with "epoch" added."""
+    order = item_order(len(task), data_seed)
+
     def tokens_of(index):
-        return tokenizer.render_conversation(task[index % len(task)], max_tokens=T + 1)[0]
+        return tokenizer.render_conversation(task[order(index)], max_tokens=T + 1)[0]
 
     for inputs, targets, state in _token_batches(Cursor(rank, world_size, resume_state), tokens_of, B, T, device):
         yield inputs, targets, dict(state, epoch=state["open"][0][0] // len(task))
 
 
-def conversation_padded_loader(task, tokenizer, B, T, device="cpu", rank=0, world_size=1, resume_state=None):
+def conversation_padded_loader(task, tokenizer, B, T, device="cpu", rank=0, world_size=1, resume_state=None,
+                               data_seed=0):
     """SFT batches: B whole conversations per batch (rank r takes r, r+W, ... by global index), each truncated
     to T+1 tokens and padded; only assistant-produced tokens (the render mask) are targets, the rest are -1.
     Loops forever; yields (inputs, targets, state): the position after the batch, with "epoch" added."""
     pad = tokenizer.get_bos_token_id()
     cursor = Cursor(rank, world_size, resume_state)
+    order = item_order(len(task), data_seed)
     while True:
         rows = []
         while len(rows) < B:
             index, done = cursor.take()
             if done:  # a whole conversation is one unit: any recorded progress means it was trained on
                 continue
-            rows.append(tokenizer.render_conversation(task[index % len(task)], max_tokens=T + 1))
+            rows.append(tokenizer.render_conversation(task[order(index)], max_tokens=T + 1))
         width = max(len(ids) for ids, _ in rows)
         inputs = torch.full((B, width - 1), pad, dtype=torch.long)
         targets = torch.full((B, width - 1), -1, dtype=torch.long)

@@ -43,7 +43,9 @@ parser.add_argument("--preset", choices=["auto", *PRESETS], default="auto", help
 parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
 parser.add_argument("--run", default="", help="wandb run name (default: no wandb)")
 parser.add_argument("--model-tag", default="", help="checkpoint folder name (default: d<depth>)")
-parser.add_argument("--seed", type=int, default=1337)
+parser.add_argument("--seed", type=int, default=1337, help="initialisation (and sampling) seed")
+parser.add_argument("--data-seed", type=int, default=0,
+                    help="order of the training data: 0 = the dataset's own, N > 0 = a permutation drawn from N")
 # model
 parser.add_argument("--depth", type=int, default=None)
 parser.add_argument("--aspect-ratio", type=int, default=None, help="model width = depth * aspect ratio")
@@ -149,6 +151,7 @@ grad_accum_steps = rows_per_rank // args.device_batch_size
 num_iterations = args.num_iterations
 if num_iterations < 0:
     num_iterations = round(args.target_param_data_ratio * num_params / args.total_batch_size)
+sync.set_total_steps(num_iterations)  # the outer schedule may end differently
 print0(f"{num_iterations} steps x {args.total_batch_size:,} tokens = {num_iterations * args.total_batch_size:,} tokens "
        f"({grad_accum_steps} micro-steps of {args.device_batch_size}x{args.max_seq_len} per rank per step)")
 
@@ -170,7 +173,8 @@ data_rank, data_world = slot * world_size + rank, slots * world_size
 if args.elastic != "off" and not args.resume:
     loader_state = fresh_loader_state(data_rank, data_world)
 train_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "train", tokenizer,
-                                                  device, rank=data_rank, world_size=data_world, resume_state=loader_state)
+                                                  device, rank=data_rank, world_size=data_world, resume_state=loader_state,
+                                                  data_seed=args.data_seed)
 x, y, state_after_x = next(train_loader)  # prefetch; loader_state = position before x
 
 

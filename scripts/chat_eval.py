@@ -5,7 +5,11 @@
     torchrun --nproc_per_node=8 -m scripts.chat_eval -i rl              # rank r takes problems r, r+W, ...
 
 Multiple-choice tasks are scored categorically: one forward pass over a padded batch of prompts, and the
-answer is the most likely of the question's letters at the last prompt position (nothing is sampled).
+answer is the most likely of the question's letters at the last prompt position (nothing is sampled). They
+also report the mean log-probability of the right letter among the question's letters, a score that moves
+long before accuracy leaves chance (tiny models). --chat-bpb-batches N adds the bits per byte of the assistant's
+tokens in the held-out chat conversations (the same set and measure as SFT's val bpb), so base, mid and SFT
+checkpoints can be compared on one scale.
 GSM8K and HumanEval generate an answer with the Engine (greedy at temperature 0) and grade it; HumanEval
 runs the code in the sandbox. ChatCORE is the mean over the five tasks of (accuracy - chance) / (1 - chance).
 """
@@ -60,7 +64,8 @@ def dist_rank_world():
 
 @torch.no_grad()
 def categorical_predictions(model, tokenizer, prompts, letter_lists):
-    """Index into its letters of the model's answer to each prompt, from one forward pass over the batch."""
+    """(index into its letters of the model's answer, log-probabilities of its letters among themselves) for
+    each prompt, from one forward pass over the batch."""
     pad = tokenizer.get_bos_token_id()  # right padding: causal attention keeps it out of the real positions
     width = max(len(p) for p in prompts)
     ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], dtype=torch.long, device=model.get_device())
@@ -68,7 +73,8 @@ def categorical_predictions(model, tokenizer, prompts, letter_lists):
     picks = []
     for i, (prompt, letters) in enumerate(zip(prompts, letter_lists)):
         letter_ids = [letter_token_id(tokenizer, letter) for letter in letters]
-        picks.append(int(logits[i, len(prompt) - 1, letter_ids].argmax()))
+        scores = logits[i, len(prompt) - 1, letter_ids].float()
+        picks.append((int(scores.argmax()), torch.log_softmax(scores, dim=0).tolist()))
     return picks
 
 
@@ -79,13 +85,17 @@ def letter_token_id(tokenizer, letter):
 
 
 def run_categorical_eval(task, tokenizer, model, conversations, prompts, batch_size, progress):
-    correct = 0
+    """(problems answered right, sum over problems of the log-probability of the right letter)."""
+    correct, logprob = 0, 0.0
     for b in range(0, len(prompts), batch_size):
         batch = conversations[b:b + batch_size]
         picks = categorical_predictions(model, tokenizer, prompts[b:b + batch_size], [c["letters"] for c in batch])
-        correct += sum(task.evaluate(conv, conv["letters"][pick]) for conv, pick in zip(batch, picks))
+        for conv, (pick, logprobs) in zip(batch, picks):
+            correct += task.evaluate(conv, conv["letters"][pick])
+            right = [i for i, letter in enumerate(conv["letters"]) if task.evaluate(conv, letter)]
+            logprob += logprobs[right[0]]
         progress(min(b + batch_size, len(prompts)), correct)
-    return correct
+    return correct, logprob
 
 
 def run_generative_eval(task, tokenizer, engine, indices, conversations, prompts, num_samples, max_new_tokens,
@@ -109,7 +119,8 @@ def run_chat_eval(model, tokenizer, engine, task_name, max_problems=None, batch_
     """Accuracy of the model on one task (pass@num_samples for generative ones), over the first max_problems.
     `task` overrides the task loaded by name (e.g. a held-out slice). With a process group, rank r of W
     evaluates problems r, r+W, ... and the counts are summed, so every rank returns the same figures.
-    Returns {"accuracy", "correct", "total", "cropped" (prompts cut to fit the context), "seconds", "problems_per_s"}."""
+    Returns {"accuracy", "correct", "total", "cropped" (prompts cut to fit the context), "seconds", "problems_per_s"},
+    and for categorical tasks "mean_logprob": the mean log-probability of the right letter among the letters."""
     task = load_task(task_name) if task is None else task
     rank, world = dist_rank_world()
     total = len(task) if max_problems is None else min(max_problems, len(task))
@@ -130,21 +141,45 @@ def run_chat_eval(model, tokenizer, engine, task_name, max_problems=None, batch_
     prompts = [fit_prompt(p, limit) for p in prompts]
     model.eval()
     with autocast_context(model.get_device().type):
+        logprob = None
         if task.eval_type == "categorical":
-            correct = run_categorical_eval(task, tokenizer, model, conversations, prompts, batch_size, progress)
+            correct, logprob = run_categorical_eval(task, tokenizer, model, conversations, prompts, batch_size, progress)
         else:
             correct = run_generative_eval(task, tokenizer, engine, indices, conversations, prompts, num_samples,
                                           max_new_tokens, temperature, top_k, progress)
     counts = torch.tensor([correct, len(indices), cropped], dtype=torch.long, device=model.get_device())
     all_reduce_sum(counts)
     correct, counted, cropped = counts.tolist()
+    if logprob is not None:
+        logprob = torch.tensor(logprob, dtype=torch.float64, device=model.get_device())
+        all_reduce_sum(logprob)
+        logprob = logprob.item()
     assert counted == total, f"ranks evaluated {counted} problems, expected {total}"
     seconds = time.time() - t0
     if cropped:
         print0(f"NOTE: {task_name}: {cropped} of {total} prompts exceed the model's context for this eval ({limit} tokens) "
                f"and kept only their first token and last {limit - 1} tokens")
-    return {"accuracy": correct / max(total, 1), "correct": correct, "total": total, "cropped": cropped,
-            "seconds": seconds, "problems_per_s": total / max(seconds, 1e-9)}
+    out = {"accuracy": correct / max(total, 1), "correct": correct, "total": total, "cropped": cropped,
+           "seconds": seconds, "problems_per_s": total / max(seconds, 1e-9)}
+    if logprob is not None:
+        out["mean_logprob"] = logprob / max(total, 1)
+    return out
+
+
+def chat_val_bpb(model, tokenizer, batches, batch_size=4):
+    """Bits per byte of the assistant's tokens in the held-out chat conversations (validation_task), over
+    `batches` padded batches per rank: the conversations, order and measure of SFT's val bpb."""
+    from nanochat.dataloader import conversation_padded_loader
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+    from tasks.mixtures import validation_task
+    rank, world = dist_rank_world()
+    device = model.get_device()
+    loader = conversation_padded_loader(validation_task(), tokenizer, batch_size, model.config.sequence_len, device,
+                                        rank, world)
+    model.eval()
+    with autocast_context(device.type):
+        return evaluate_bpb(model, loader, batches, get_token_bytes(device=device))
 
 
 def chatcore(accuracies):
@@ -173,10 +208,13 @@ def main(argv=None):
     parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
     parser.add_argument("-b", "--batch-size", type=int, default=8, help="questions per forward pass (categorical tasks)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--chat-bpb-batches", type=int, default=0,
+                        help="also the chat val bpb (assistant tokens of the held-out conversations) over this many "
+                             "batches of 4 per rank (0: off)")
     parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
     args = parser.parse_args(argv)
 
-    names = TASK_NAMES if args.task_name == "all" else args.task_name.split("|")
+    names = TASK_NAMES if args.task_name == "all" else [n for n in args.task_name.split("|") if n]
     for name in names:
         if name not in TASK_NAMES:
             parser.error(f"unknown task {name!r}, expected 'all' or some of {'|'.join(TASK_NAMES)}")
@@ -205,21 +243,29 @@ def main(argv=None):
                f"{r['problems_per_s']:.2f} problems/s")
     accuracies = {key: r["accuracy"] for key, r in results.items()}
     core = chatcore(accuracies)
+    chat_bpb = None
+    if args.chat_bpb_batches > 0:
+        chat_bpb = chat_val_bpb(model, tokenizer, args.chat_bpb_batches)
+        print0(f"chat val bpb (assistant tokens, {args.chat_bpb_batches} batches of 4 per rank): {chat_bpb:.4f}")
 
-    print0(f"\n{'task':<26} {'accuracy':>9} {'correct':>13} {'problems/s':>11}")
+    print0(f"\n{'task':<26} {'accuracy':>9} {'correct':>13} {'log p(right)':>13} {'problems/s':>11}")
     for key, r in results.items():
-        print0(f"{key:<26} {r['accuracy']:>9.4f} {r['correct']:>6}/{r['total']:<6} {r['problems_per_s']:>11.2f}")
+        lp = f"{r['mean_logprob']:>13.4f}" if "mean_logprob" in r else f"{'-':>13}"
+        print0(f"{key:<26} {r['accuracy']:>9.4f} {r['correct']:>6}/{r['total']:<6} {lp} {r['problems_per_s']:>11.2f}")
     print0(f"{'ChatCORE':<26} {core:>9.4f}" if core is not None else "ChatCORE: not computed (it needs all five tasks)")
 
     if rank == 0:
         path = os.path.join(get_base_dir(), "eval", f"chat_{args.source}_{meta['model_tag']}_step{meta['step']}.json")
         write_json_atomic(path, {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"],
-                                 "world_size": world, "config": vars(args), "tasks": results, "ChatCORE": core})
+                                 "world_size": world, "config": vars(args), "tasks": results, "ChatCORE": core,
+                                 "chat_val_bpb": chat_bpb})
         print0(f"wrote {path}")
     get_report().log(section=f"Chat evaluation {args.source}", data=[
         {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"],
          "max_problems": args.max_problems or "all", "temperature": args.temperature, "num_samples": args.num_samples},
-        {**accuracies, **({"ChatCORE": core} if core is not None else {})},
+        {**accuracies, **({"ChatCORE": core} if core is not None else {}),
+         **({"chat val bpb": chat_bpb} if chat_bpb is not None else {}),
+         **{f"{key} log p(right)": r["mean_logprob"] for key, r in results.items() if "mean_logprob" in r}},
         {f"{key} problems/s": r["problems_per_s"] for key, r in results.items()},
     ])
     compute_cleanup()

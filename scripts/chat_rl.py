@@ -141,6 +141,7 @@ def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_lab
     if args.examples_per_step % world:
         raise SystemExit(f"--examples-per-step {args.examples_per_step} must be a multiple of the {world} ranks")
     num_steps = args.num_steps if args.num_steps >= 0 else len(train_task) // args.examples_per_step
+    sync.set_total_steps(num_steps)  # the outer schedule may end differently
     device = model.get_device()
     start_step, state = resume or (0, {"history": [], "window": [0.0, 0.0]})
     history = list(state["history"])

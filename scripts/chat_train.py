@@ -51,6 +51,8 @@ def parse_args(stage, argv=None):
     parser.add_argument("--device-type", default="")
     parser.add_argument("--run", default="", help="wandb run name (default: no wandb)")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="order of the training conversations: 0 = the mixture's own, N > 0 = a permutation drawn from N")
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: --num-epochs of the mixture)")
     parser.add_argument("--num-epochs", type=int, default=1)
     parser.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens (default: the model's)")
@@ -131,6 +133,7 @@ def main(stage, argv=None):
     if num_iterations < 0:  # an epoch: packed rows of the whole mixture (mid), or its conversations (sft)
         rows = count_conversation_tokens(mixture, tokenizer, T) // T if stage == "mid" else len(mixture)
         num_iterations = max(1, args.num_epochs * rows // examples_per_step)
+    sync.set_total_steps(num_iterations)  # the outer schedule may end differently
     print0(f"{stage} from {args.source}/{source_meta['model_tag']} step {source_meta['step']} | {num_iterations} steps x "
            f"{examples_per_step} rows of {T} tokens | sync {args.sync}")
     ckpt_dir = checkpoint_dir(stage, output_tag)
@@ -175,7 +178,8 @@ def main(stage, argv=None):
             os.replace(metrics_path + ".tmp", metrics_path)
         return meta
 
-    train_loader = s["loader"](mixture, tokenizer, B, T, device, rank, world_size, resume_state=loader_state)
+    train_loader = s["loader"](mixture, tokenizer, B, T, device, rank, world_size, resume_state=loader_state,
+                               data_seed=args.data_seed)
     for step in range(start_step, num_iterations + 1):
         at = plan(step, num_iterations, resumed_at=start_step if args.resume else None, stop_after=args.stop_after,
                   eval_every=args.eval_every, save_every=args.save_every)

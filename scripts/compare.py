@@ -46,10 +46,11 @@ SCALES = {
               "--total-batch-size", "512", "--num-iterations", "6", "--eval-every", "2", "--eval-tokens", "1024",
               "--sample-every", "0"],
         mid=["--num-iterations", "4", "--device-batch-size", "4", "--eval-every", "2", "--eval-batches", "2"],
-        sft=["--num-iterations", "2", "--device-batch-size", "2", "--examples-per-step", "4", "--max-seq-len", "128",
+        sft=["--num-iterations", "2", "--device-batch-size", "4", "--examples-per-step", "8", "--max-seq-len", "128",
              "--eval-every", "0", "--eval-batches", "1"],
         base_eval=["--max-per-task", "4", "--split-tokens", "2048", "--device-batch-size", "4"],
         chat_eval=["--max-problems", "4", "--max-new-tokens", "16", "--batch-size", "4"],
+        chat_bpb_batches=1,
         diloco={"base": ["--diloco-h", "2"], "mid": ["--diloco-h", "2"], "sft": ["--diloco-h", "1"]}),
     # CPU, 2 processes, about 20 minutes for all three arms on 2 cores
     "tiny": dict(
@@ -60,11 +61,13 @@ SCALES = {
              "--eval-batches", "8"],
         base_eval=["--max-per-task", "100", "--split-tokens", "131072", "--device-batch-size", "16"],
         chat_eval=["--max-problems", "100", "--max-new-tokens", "128", "--batch-size", "16"],
+        chat_bpb_batches=8,
         diloco={"base": ["--diloco-h", "50"], "mid": ["--diloco-h", "50"], "sft": ["--diloco-h", "20"]}),
     # nanochat's d20 speedrun on one node of GPUs
     "d20": dict(
         nproc=None, vocab=65536,
         base=["--preset", "d20"], mid=[], sft=[], base_eval=["--max-per-task", "500"], chat_eval=[],
+        chat_bpb_batches=20,
         diloco={"base": ["--diloco-h", "100"], "mid": ["--diloco-h", "100"], "sft": ["--diloco-h", "20"]}),
 }
 
@@ -168,13 +171,14 @@ def torchrun_cmd(nproc, module, args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
 
 
-def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=()):
+def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=(), seeds=1):
+    """Every stage of every arm, for seeds seed, seed+1, ... (seed i > 0 also draws its own data order and its
+    checkpoints carry the suffix -s<i>). Returns ({arm: [one result per seed]}, runner)."""
     scale = SCALES[scale_name]
     nproc = scale["nproc"] or max(1, torch.cuda.device_count())
     base_dir = get_base_dir()
     runner = Runner(os.path.join(base_dir, "runs"), force=force)
     env = {"OMP_NUM_THREADS": "1"} if not torch.cuda.is_available() else {}
-    seed_args = ["--seed", str(seed)]
 
     # data and tokenizer: shared by every arm; existing valid outputs are adopted
     from nanochat.dataset import ensure_data, list_parquet_files
@@ -182,40 +186,60 @@ def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=()):
     if not list_parquet_files():
         ensure_data(num_shards=240 if scale_name == "d20" else 0)
     try:
-        get_tokenizer()
+        tokenizer = get_tokenizer()
     except (FileNotFoundError, RuntimeError):
         subprocess.run(python_cmd("scripts.tok_train", ["--vocab-size", str(scale["vocab"])]), check=True)
         subprocess.run(python_cmd("scripts.tok_eval", []), check=True)
+        tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != scale["vocab"]:
+        print(f"NOTE: the tokenizer in {base_dir} has {tokenizer.get_vocab_size():,} tokens, scale {scale_name} asks for "
+              f"{scale['vocab']:,}: using it (set NANOCHAT_BASE_DIR to another folder for a tokenizer of the scale's own)")
 
-    results = {}
-    for arm in arms:
-        pre_sync, post_sync = ARMS[arm]
-        sync = lambda stage, mode: ["--sync", mode] + ([*scale["diloco"][stage], *diloco_flags] if mode == "diloco" else [])
-        base_tag = f"base_{pre_sync}"
-        base = f"base_train-{pre_sync}"
-        # report sections: shared base stages in report/base_<sync>, the arm's own in report/<arm>
-        base_report, arm_report = (os.path.join(base_dir, "report", name) for name in (base_tag, arm))
-        env_base, env_arm = dict(env, NANOCHAT_REPORT_DIR=base_report), dict(env, NANOCHAT_REPORT_DIR=arm_report)
-        runner.run(base, torchrun_cmd(nproc, "scripts.base_train", scale["base"] + sync("base", pre_sync) + seed_args +
-                                      ["--model-tag", base_tag]),
-                   [], lambda: last_checkpoint_files("base", base_tag), env_base)
-        base_ev = f"base_eval-{pre_sync}"
-        runner.run(base_ev, python_cmd("scripts.base_eval", scale["base_eval"] + ["--model-tag", base_tag]),
-                   [base], lambda: [eval_file("base", base_tag)], env_base)
-        mid = f"mid_train-{arm}"
-        runner.run(mid, torchrun_cmd(nproc, "scripts.mid_train", scale["mid"] + sync("mid", post_sync) + seed_args +
-                                     ["--model-tag", base_tag, "--output-tag", arm]),
-                   [base], lambda: last_checkpoint_files("mid", arm), env_arm)
-        sft = f"chat_sft-{arm}"
-        runner.run(sft, torchrun_cmd(nproc, "scripts.chat_sft", scale["sft"] + sync("sft", post_sync) + seed_args +
-                                     ["--model-tag", arm]),
-                   [mid], lambda: last_checkpoint_files("sft", arm), env_arm)
-        chat_ev = f"chat_eval-{arm}"
-        runner.run(chat_ev, torchrun_cmd(nproc, "scripts.chat_eval", ["-i", "sft", "--model-tag", arm] + scale["chat_eval"]),
-                   [sft], lambda: [eval_file("chat_sft", arm)], env_arm)
-        arm_report_md = arm_card(base_report, arm_report)
-        results[arm] = collect_arm(runner, arm, [base, base_ev, mid, sft, chat_ev], base_tag)
-        results[arm].update(report_card=arm_report_md, stages=[base, base_ev, mid, sft, chat_ev])
+    chat_bpb = ["--chat-bpb-batches", str(scale["chat_bpb_batches"])]
+    categorical = ["-a", "ARC-Easy|ARC-Challenge|MMLU"]
+    results = {arm: [] for arm in arms}
+    for i in range(seeds):
+        sfx = f"-s{i}" if i else ""
+        seed_args = ["--seed", str(seed + i)] + (["--data-seed", str(i)] if i else [])
+        for arm in arms:
+            pre_sync, post_sync = ARMS[arm]
+            sync = lambda stage, mode: ["--sync", mode] + ([*scale["diloco"][stage], *diloco_flags] if mode == "diloco" else [])
+            base_tag, arm_tag = f"base_{pre_sync}{sfx}", f"{arm}{sfx}"
+            base = f"base_train-{pre_sync}{sfx}"
+            # report sections: shared base stages in report/base_<sync>, the arm's own in report/<arm>
+            base_report, arm_report = (os.path.join(base_dir, "report", name) for name in (base_tag, arm_tag))
+            env_base, env_arm = dict(env, NANOCHAT_REPORT_DIR=base_report), dict(env, NANOCHAT_REPORT_DIR=arm_report)
+            runner.run(base, torchrun_cmd(nproc, "scripts.base_train", scale["base"] + sync("base", pre_sync) + seed_args +
+                                          ["--model-tag", base_tag]),
+                       [], lambda: last_checkpoint_files("base", base_tag), env_base)
+            base_ev = f"base_eval-{pre_sync}{sfx}"
+            runner.run(base_ev, python_cmd("scripts.base_eval", scale["base_eval"] + ["--model-tag", base_tag]),
+                       [base], lambda: [eval_file("base", base_tag)], env_base)
+            base_chat = f"chat_eval_base-{pre_sync}{sfx}"  # the base model on the chat measures, before mid
+            runner.run(base_chat, torchrun_cmd(nproc, "scripts.chat_eval", ["-i", "base", "--model-tag", base_tag] +
+                                               categorical + scale["chat_eval"] + chat_bpb),
+                       [base], lambda: [eval_file("chat_base", base_tag)], env_base)
+            mid = f"mid_train-{arm_tag}"
+            runner.run(mid, torchrun_cmd(nproc, "scripts.mid_train", scale["mid"] + sync("mid", post_sync) + seed_args +
+                                         ["--model-tag", base_tag, "--output-tag", arm_tag]),
+                       [base], lambda: last_checkpoint_files("mid", arm_tag), env_arm)
+            mid_chat = f"chat_eval_mid-{arm_tag}"
+            runner.run(mid_chat, torchrun_cmd(nproc, "scripts.chat_eval", ["-i", "mid", "--model-tag", arm_tag] +
+                                              categorical + scale["chat_eval"] + chat_bpb),
+                       [mid], lambda: [eval_file("chat_mid", arm_tag)], env_arm)
+            sft = f"chat_sft-{arm_tag}"
+            runner.run(sft, torchrun_cmd(nproc, "scripts.chat_sft", scale["sft"] + sync("sft", post_sync) + seed_args +
+                                         ["--model-tag", arm_tag]),
+                       [mid], lambda: last_checkpoint_files("sft", arm_tag), env_arm)
+            chat_ev = f"chat_eval-{arm_tag}"
+            runner.run(chat_ev, torchrun_cmd(nproc, "scripts.chat_eval", ["-i", "sft", "--model-tag", arm_tag] +
+                                             scale["chat_eval"] + chat_bpb),
+                       [sft], lambda: [eval_file("chat_sft", arm_tag)], env_arm)
+            stages = [base, base_ev, base_chat, mid, mid_chat, sft, chat_ev]
+            r = collect_arm(runner, arm_tag, stages, base_tag)
+            r.update(report_card=arm_card(base_report, arm_report), stages=stages, sync=ARMS[arm], seed=seed + i,
+                     tags={"base": base_tag, "mid": arm_tag, "sft": arm_tag})
+            results[arm].append(r)
     return results, runner
 
 
@@ -230,34 +254,44 @@ def arm_card(base_report, arm_report):
     return Report(arm_report).generate()
 
 
-def collect_arm(runner, arm, stages, base_tag):
-    """The arm's figures, read back from its checkpoints' metadata and eval results."""
+def collect_arm(runner, arm_tag, stages, base_tag):
+    """The arm's figures (one seed), read back from its checkpoints' metadata and eval results."""
     def meta(stage, tag):
         d = checkpoint_dir(stage, tag)
         with open(os.path.join(d, f"step_{find_last_step(d):06d}", "meta.json")) as f:
             return json.load(f)
-    base_meta, mid_meta, sft_meta = meta("base", base_tag), meta("mid", arm), meta("sft", arm)
-    with open(eval_file("base", base_tag)) as f:
-        base_eval = json.load(f)
-    with open(eval_file("chat_sft", arm)) as f:
-        chat_eval = json.load(f)
-    row = {"val_bpb": base_meta["val_bpb"], "CORE": base_eval["core"]}
+
+    def load(path):
+        with open(path) as f:
+            return json.load(f)
+    base_meta, mid_meta, sft_meta = meta("base", base_tag), meta("mid", arm_tag), meta("sft", arm_tag)
+    base_eval = load(eval_file("base", base_tag))
+    chat = {"base": load(eval_file("chat_base", base_tag)), "mid": load(eval_file("chat_mid", arm_tag)),
+            "sft": load(eval_file("chat_sft", arm_tag))}
+    row = {"val_bpb": base_meta["val_bpb"], "chat_bpb_base": chat["base"]["chat_val_bpb"],
+           "mid_val_bpb": mid_meta["val_bpb"], "sft_val_bpb": chat["sft"]["chat_val_bpb"], "CORE": base_eval["core"]}
     for task in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"):
-        row[task] = chat_eval["tasks"][task]["accuracy"]
-    row["ChatCORE"] = chat_eval["ChatCORE"]
+        row[task] = chat["sft"]["tasks"][task]["accuracy"]
+    row["ChatCORE"] = chat["sft"]["ChatCORE"]
     across = lambda m: m["outer_bytes"] if m["sync"] == "diloco" else m["inner_bytes"]
     row["bytes_across_workers"] = across(base_meta) + across(mid_meta) + across(sft_meta)
     row["wall_seconds"] = sum(runner.marker(s)["seconds"] for s in stages)
+    by_stage = {stage: {"chat_val_bpb": c["chat_val_bpb"],
+                        **{f"{task} log p": c["tasks"][task]["mean_logprob"] for task in LOGP_TASKS},
+                        **{f"{task} acc": c["tasks"][task]["accuracy"] for task in LOGP_TASKS}}
+                for stage, c in chat.items()}
     curve = [json.loads(line) for line in open(os.path.join(checkpoint_dir("base", base_tag), "metrics.jsonl"))]
     curve = [r for r in curve if "val_bpb" in r]
-    return {"row": row, "curve": curve, "sync": ARMS[arm], "base_meta": base_meta,
+    return {"row": row, "by_stage": by_stage, "curve": curve, "base_meta": base_meta,
             "configs": {"base": base_meta["user_config"], "mid": mid_meta["user_config"], "sft": sft_meta["user_config"]},
             "core_tasks": {"used": base_eval["core_tasks_used"], "missing": base_eval["core_tasks_missing"],
                            "source": base_eval["core_source"]}}
 
 
-COLUMNS = ["val_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE",
-           "bytes_across_workers", "wall_seconds"]
+LOGP_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU"]
+COLUMNS = ["val_bpb", "chat_bpb_base", "mid_val_bpb", "sft_val_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU",
+           "GSM8K", "HumanEval", "ChatCORE", "bytes_across_workers", "wall_seconds"]
+STAGES = ["base", "mid", "sft"]
 
 
 def fmt(key, value):
@@ -288,67 +322,195 @@ def differing_hyperparameters(results):
     return rows
 
 
-def write_report(results, runner, out_dir, scale_name, total_seconds):
+def measure_drift(results):
+    """Distances between arm (a) and every other arm after each stage, seed by seed: relative L2 of the weights
+    and linear CKA of every layer's hidden states on a fixed batch of val text (nanochat/drift.py). With several
+    seeds, also between two seeds of arm (a): the distance chance alone puts between two DDP runs."""
+    from nanochat.checkpoint import load_model
+    from nanochat.dataloader import tokenizing_distributed_data_loader
+    from nanochat.drift import layer_cka, relative_l2
+    if "ddp" not in results:
+        return []
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pairs = [(ARM_LABELS[arm].split(" ")[0] + " vs (a)", arm, j, j) for j in range(len(results["ddp"]))
+             for arm in results if arm != "ddp"]
+    if len(results["ddp"]) > 1:
+        pairs.append(("(a) seed 1 vs seed 0", "ddp", 1, 0))
+    records, idx = [], None
+    for stage in STAGES:
+        for label, arm, j, j_ref in pairs:
+            ref_model, tokenizer, _ = load_model(stage, device, phase="eval", model_tag=results["ddp"][j_ref]["tags"][stage])
+            other, _, _ = load_model(stage, device, phase="eval", model_tag=results[arm][j]["tags"][stage])
+            if idx is None:  # the first rows of the val split, one batch for every pair and stage
+                T = ref_model.config.sequence_len
+                idx = next(tokenizing_distributed_data_loader(4, T, "val", tokenizer, device, rank=0, world_size=1))[0]
+            records.append({"pair": label, "arm": arm, "seed": j, "stage": stage,
+                            "relative_l2": relative_l2(ref_model.state_dict(), other.state_dict()),
+                            "cka": layer_cka(ref_model, other, idx)})
+            del ref_model, other
+    return records
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def std(values):
+    """Sample standard deviation (0 for one value)."""
+    if len(values) < 2:
+        return 0.0
+    m = mean(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def paired_difference(values, reference):
+    """Mean of the seed-by-seed differences, two standard errors of that mean, and whether it exceeds them."""
+    d = [v - r for v, r in zip(values, reference, strict=True)]
+    two_se = 2 * std(d) / len(d) ** 0.5
+    return mean(d), two_se, len(d) > 1 and abs(mean(d)) > two_se
+
+
+def write_report(results, runner, out_dir, scale_name, total_seconds, drift=()):
+    """results: {arm: [one result per seed]}. Writes report.md, results.json, drift.json and the plots."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(out_dir, exist_ok=True)
-    all_stages = sorted({stage for r in results.values() for stage in r["stages"]})
+    all_stages = sorted({stage for runs in results.values() for r in runs for stage in r["stages"]})
     stage_seconds = sum(runner.marker(stage)["seconds"] for stage in all_stages)
     redone = runner.redone
+    seeds = [r["seed"] for r in next(iter(results.values()))]
+    col = lambda arm, key: [r["row"][key] for r in results[arm]]
+    by_stage = lambda arm, stage, key: mean([r["by_stage"][stage][key] for r in results[arm]])
+    plots = []
+
+    def save(fig, name):
+        path = os.path.join(out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        plots.append(path)
 
     styles = ["-", "--", ":", "-."]  # arms that share a base model draw the same curve: keep both visible
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (arm, r) in enumerate(results.items()):
-        ax.plot([p["tokens"] for p in r["curve"]], [p["val_bpb"] for p in r["curve"]], marker="o", linestyle=styles[i % 4],
+    for i, (arm, runs) in enumerate(results.items()):
+        curve = runs[0]["curve"]
+        ax.plot([p["tokens"] for p in curve], [p["val_bpb"] for p in curve], marker="o", linestyle=styles[i % 4],
                 label=ARM_LABELS[arm])
     ax.set_xlabel("pretraining tokens")
     ax.set_ylabel("val bits per byte")
-    ax.set_title("Pretraining: val bpb vs tokens")
+    ax.set_title(f"Pretraining: val bpb vs tokens (seed {seeds[0]})")
     ax.grid(alpha=0.3)
     ax.legend()
-    bpb_tokens = os.path.join(out_dir, "val_bpb_vs_tokens.png")
-    fig.tight_layout()
-    fig.savefig(bpb_tokens, dpi=120)
-    plt.close(fig)
+    save(fig, "val_bpb_vs_tokens.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (arm, r) in enumerate(results.items()):
-        label = "outer_bytes" if r["sync"][0] == "diloco" else "inner_bytes"
-        points = [(p[label], p["val_bpb"]) for p in r["curve"] if p[label] > 0]
+    for i, (arm, runs) in enumerate(results.items()):
+        label = "outer_bytes" if runs[0]["sync"][0] == "diloco" else "inner_bytes"
+        points = [(p[label], p["val_bpb"]) for p in runs[0]["curve"] if p[label] > 0]
         ax.plot([b for b, _ in points], [v for _, v in points], marker="o", linestyle=styles[i % 4], label=ARM_LABELS[arm])
     ax.set_xscale("log")
     ax.set_xlabel("bytes communicated across workers (all ranks, cumulative)")
     ax.set_ylabel("val bits per byte")
-    ax.set_title("Pretraining: val bpb vs communication")
+    ax.set_title(f"Pretraining: val bpb vs communication (seed {seeds[0]})")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    bpb_bytes = os.path.join(out_dir, "val_bpb_vs_bytes.png")
-    fig.tight_layout()
-    fig.savefig(bpb_bytes, dpi=120)
-    plt.close(fig)
+    save(fig, "val_bpb_vs_bytes.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, arm in enumerate(results):
+        axes[0].plot(STAGES, [by_stage(arm, st, "chat_val_bpb") for st in STAGES], marker="o", linestyle=styles[i % 4],
+                     label=ARM_LABELS[arm])
+        axes[1].plot(STAGES, [mean([by_stage(arm, st, f"{t} log p") for t in LOGP_TASKS]) for st in STAGES], marker="o",
+                     linestyle=styles[i % 4], label=ARM_LABELS[arm])
+    axes[0].set_ylabel("chat val bpb (assistant tokens, held-out conversations)")
+    axes[1].set_ylabel("log p(right letter), mean of ARC-E, ARC-C, MMLU")
+    for ax in axes:
+        ax.set_xlabel("after stage")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"What each stage brings (mean of {len(seeds)} seed(s))")
+    save(fig, "post_training.png")
+
+    drift_summary = {}
+    for rec in drift:
+        drift_summary.setdefault((rec["pair"], rec["stage"]), []).append(rec)
+    if drift:
+        fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 4), sharey=True)
+        for ax, stage in zip(axes, STAGES):
+            for i, ((pair, st), recs) in enumerate((k, v) for k, v in drift_summary.items() if k[1] == stage):
+                cka = [mean(layer) for layer in zip(*(r["cka"] for r in recs))]
+                ax.plot(range(len(cka)), cka, marker="o", linestyle=styles[i % 4], label=pair)
+            ax.set_title(f"after {stage}")
+            ax.set_xlabel("layer (0 = embedding)")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("linear CKA with arm (a)")
+        axes[0].legend()
+        save(fig, "drift_cka_per_layer.png")
 
     lines = ["# DDP vs DiLoCo: end-to-end comparison", ""]
-    lines.append(f"Scale `{scale_name}`; the stages of all arms took {stage_seconds:.0f} s of wall time when they ran "
-                 f"(this invocation: {total_seconds:.0f} s; it re-ran {len(redone)} of {len(all_stages)} stages).")
-    lines.append("")
+    lines.append(f"Scale `{scale_name}`, seed(s) {', '.join(map(str, seeds))}; the stages of all arms took {stage_seconds:.0f} s "
+                 f"of wall time when they ran (this invocation: {total_seconds:.0f} s; it re-ran {len(redone)} of "
+                 f"{len(all_stages)} stages).")
+    lines += ["", f"Means over {len(seeds)} seed(s)." if len(seeds) > 1 else "One seed.", ""]
     lines.append("| arm | " + " | ".join(COLUMNS) + " |")
     lines.append("|---|" + "---|" * len(COLUMNS))
-    for arm, r in results.items():
-        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(fmt(k, r["row"][k]) for k in COLUMNS) + " |")
-    lines += ["", "Columns: val_bpb after pretraining (val shard); CORE of the base model; ARC/MMLU/GSM8K/HumanEval/ChatCORE "
-              "of the SFT model; bytes_across_workers = bytes handed to cross-worker collectives by all ranks over "
-              "pretraining + mid + SFT (DDP: the per-step gradient all-reduce; DiLoCo: the outer sync); wall_seconds = "
-              "the arm's stages, including the shared ones.", ""]
-    lines += [f"![val bpb vs tokens]({os.path.basename(bpb_tokens)})", "",
-              f"![val bpb vs bytes]({os.path.basename(bpb_bytes)})", ""]
-    first = next(iter(results.values()))
+    for arm in results:
+        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(fmt(k, mean(col(arm, k))) for k in COLUMNS) + " |")
+    lines += ["", "Columns: val_bpb after pretraining (val shard); chat_bpb_base: the base model's bpb on the assistant "
+              "tokens of the held-out chat conversations (before mid); mid_val_bpb: midtraining's own val bpb (every "
+              "token of those conversations); sft_val_bpb: the SFT model on the same measure as chat_bpb_base; CORE of the "
+              "base model; ARC/MMLU/GSM8K/HumanEval/ChatCORE of the SFT model; bytes_across_workers = bytes handed to "
+              "cross-worker collectives by all ranks over pretraining + mid + SFT (DDP: the per-step gradient all-reduce; "
+              "DiLoCo: the outer sync); wall_seconds = the arm's stages, including the shared ones.", ""]
+    if len(seeds) > 1:
+        lines += ["## Seeds: spread and differences from (a)", "",
+                  f"Standard deviation over the {len(seeds)} seeds, and each arm's seed-by-seed (paired) difference from "
+                  "(a) with two standard errors: a difference is marked real only when it exceeds them.", ""]
+        keys = ["val_bpb", "chat_bpb_base", "mid_val_bpb", "sft_val_bpb", "ChatCORE"]
+        lines += ["| arm | " + " | ".join(f"{k} (std)" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        for arm in results:
+            lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(f"{std(col(arm, k)):.4f}" for k in keys) + " |")
+        if "ddp" in results:
+            lines += ["", "| arm | measure | difference from (a) | 2 SE | real? |", "|---|---|---|---|---|"]
+            for arm in results:
+                if arm == "ddp":
+                    continue
+                for k in keys:
+                    d, two_se, real = paired_difference(col(arm, k), col("ddp", k))
+                    lines.append(f"| {ARM_LABELS[arm]} | {k} | {d:+.4f} | {two_se:.4f} | {'yes' if real else 'no'} |")
+        lines.append("")
+    lines += ["## What each stage brings", "",
+              "After each stage: bpb on the assistant tokens of the held-out chat conversations (the same set for every "
+              "arm and stage), and for the multiple-choice tasks the mean log-probability of the right letter among the "
+              "question's letters (chance: about -1.386 for four letters) and the accuracy.", ""]
+    heads = ["chat val bpb"] + [f"{t} log p" for t in LOGP_TASKS] + [f"{t} acc" for t in LOGP_TASKS]
+    lines += ["| arm | after | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
+    for arm in results:
+        for stage in STAGES:
+            lines.append(f"| {ARM_LABELS[arm]} | {stage} | " + " | ".join(
+                f"{by_stage(arm, stage, 'chat_val_bpb' if h == 'chat val bpb' else h):.4f}" for h in heads) + " |")
+    lines += ["", "![post-training](post_training.png)", ""]
+    if drift:
+        lines += ["## Drift between arms", "",
+                  "Relative L2 distance of the weights, ||theta_a - theta_x|| / ||theta_a||, and linear CKA of the hidden "
+                  "states (embedding and every block) on the first 4 rows of the val split, against arm (a) after each "
+                  f"stage (mean over seeds). 1 = the same representation up to rotation and scale.", "",
+                  "| pair | after | relative L2 | mean CKA | CKA per layer |", "|---|---|---|---|---|"]
+        for (pair, stage), recs in drift_summary.items():
+            cka = [mean(layer) for layer in zip(*(r["cka"] for r in recs))]
+            lines.append(f"| {pair} | {stage} | {mean([r['relative_l2'] for r in recs]):.4f} | {mean(cka):.4f} | "
+                         + ", ".join(f"{c:.3f}" for c in cka) + " |")
+        lines += ["", "![CKA per layer](drift_cka_per_layer.png)", ""]
+    lines += ["![val bpb vs tokens](val_bpb_vs_tokens.png)", "", "![val bpb vs bytes](val_bpb_vs_bytes.png)", ""]
+    first = next(iter(results.values()))[0]
     core = first["core_tasks"]
     lines += ["## CORE tasks", "", f"- source: {core['source']}", f"- used: {', '.join(core['used'] or [])}",
               f"- missing: {', '.join(core['missing'] or []) or 'none'}", ""]
+    seed0 = {arm: runs[0] for arm, runs in results.items()}
     lines += ["## Hyper-parameters that differ between arms", ""]
     lines += ["| stage | flag | " + " | ".join(results) + " |", "|---|---|" + "---|" * len(results)]
-    for stage, key, values in differing_hyperparameters(results):
+    for stage, key, values in differing_hyperparameters(seed0):
         lines.append(f"| {stage} | {key} | " + " | ".join(str(values[a]) for a in results) + " |")
     lines += ["", "## Shared hyper-parameters (pretraining)", ""]
     base_cfg = first["configs"]["base"]
@@ -357,12 +519,18 @@ def write_report(results, runner, out_dir, scale_name, total_seconds):
     lines += ["", f"Model: {m['model_config']}", "", "## Environment", ""]
     lines += [f"- {k}: {v}" for k, v in environment().items()]
     report = os.path.join(out_dir, "report.md")
-    with open(report + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(report + ".tmp", report)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({arm: r["row"] for arm, r in results.items()}, f, indent=1)
-    return report, bpb_tokens, bpb_bytes
+    write_atomic(report, "\n".join(lines) + "\n")
+    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(
+        {arm: {"mean": {k: mean(col(arm, k)) for k in COLUMNS}, "seeds": seeds, "runs": [r["row"] for r in runs],
+               "by_stage": [r["by_stage"] for r in runs]} for arm, runs in results.items()}, indent=1))
+    write_atomic(os.path.join(out_dir, "drift.json"), json.dumps(list(drift), indent=1))
+    return report, plots
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -371,6 +539,9 @@ def main(argv=None):
     parser.add_argument("--scale", choices=["auto", *SCALES], default="auto", help="auto: d20 on CUDA, tiny on CPU")
     parser.add_argument("--force", action="store_true", help="redo every stage even if done")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run every arm this many times, with seeds --seed, --seed+1, ... (init and data order); the "
+                             "report gives means, standard deviations and which differences exceed two standard errors")
     parser.add_argument("--out", default=None, help="report folder (default: <base>/compare)")
     parser.add_argument("--diloco-flags", default="",
                         help="extra flags for every DiLoCo stage, e.g. \"--diloco-fragments 4 --diloco-overlap 1 "
@@ -382,11 +553,16 @@ def main(argv=None):
         parser.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     scale = args.scale if args.scale != "auto" else ("d20" if torch.cuda.is_available() else "tiny")
     t0 = time.time()
-    results, runner = run_experiment(arms, scale, force=args.force, seed=args.seed, diloco_flags=shlex.split(args.diloco_flags))
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: must be at least 1")
+    results, runner = run_experiment(arms, scale, force=args.force, seed=args.seed, diloco_flags=shlex.split(args.diloco_flags),
+                                     seeds=args.seeds)
+    print("measuring the drift between arms ...", flush=True)
+    drift = measure_drift(results)
     out = args.out or os.path.join(get_base_dir(), "compare")
-    report, png1, png2 = write_report(results, runner, out, scale, time.time() - t0)
+    report, plots = write_report(results, runner, out, scale, time.time() - t0, drift)
     print(open(report).read())
-    print(f"report: {report}\nplots: {png1}, {png2}\nstages run this time: {sorted(runner.redone) or 'none'}")
+    print(f"report: {report}\nplots: {', '.join(plots)}\nstages run this time: {sorted(runner.redone) or 'none'}")
 
 
 if __name__ == "__main__":

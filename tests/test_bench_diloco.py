@@ -65,3 +65,19 @@ def test_bench_reports_exact_bytes_and_ratio(base_dir, tmp_path):
     again = json.loads((out / "diloco.json").read_text())["arms"]
     assert [(a["arm"], a["val_bpb"], a["bytes_across_workers"]) for a in again] == \
         [(a["arm"], a["val_bpb"], a["bytes_across_workers"]) for a in result["arms"]]
+
+    # --sweep: DDP (reused), a grid point and a recipe, ranked with their bytes; the grid point at H=2 sends
+    # 2 fp32 syncs of the model where DDP sends 4 gradient all-reduces, the recipe at H=50 only the final sync
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_diloco", "--num-iterations", "4", "--sweep", "--sweep-hs", "2",
+                           "--sweep-lrs", "1.0", "--sweep-momenta", "0.0", "--sweep-workers", "2",
+                           "--recipes", "final_average", "--out", str(out), *TINY_MODEL], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("reusing the finished run") == 1  # the DDP arm above
+    rows = {r["arm"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    assert list(rows) == ["ddp", "sweep_h2_lr1.0_m0.0_w2", "recipe_final_average"]
+    assert rows["ddp"]["val_bpb"] == ddp["val_bpb"]
+    assert rows["sweep_h2_lr1.0_m0.0_w2"]["bytes_across_workers"] == 2 * 2 * 4 * P
+    assert rows["recipe_final_average"]["bytes_across_workers"] == 1 * 2 * 4 * P
+    assert rows["recipe_final_average"]["ddp_bytes_over_arm"] == 4.0
+    assert "| recipe_final_average |" in (out / "sweep.md").read_text()

@@ -3,8 +3,10 @@ produced, data-parallel evaluation on 2 gloo processes counts exactly what one p
 writes its JSON results and report section. Stand-in models built from the conversations give known answers."""
 
 import json
+import math
 import os
 
+import pytest
 import torch
 
 from nanochat.checkpoint import load_model
@@ -86,20 +88,27 @@ def test_categorical_oracle_scores_one_and_random_scores_chance(base_dir):
         model = oracle_model(tokenizer, [task[i] for i in range(n)])
         result = run_chat_eval(model, tokenizer, None, name, max_problems=n, batch_size=8)
         assert (result["accuracy"], result["correct"], result["total"], result["cropped"]) == (1.0, n, n, 0)
+        # logit 1 on the gold letter, 0 on the others: log p(right) = log(e / (e + letters - 1)), known per question
+        known = [math.log(math.e / (math.e + len(task[i]["letters"]) - 1)) for i in range(n)]
+        assert result["mean_logprob"] == pytest.approx(sum(known) / n, abs=1e-6)
 
     # random logits over the whole vocabulary: an answer letter is almost never the overall argmax, so only
     # restricting the choice to the letters gives chance accuracy; it must equal the count made by hand
     task = chat_eval.load_task("MMLU")
     model = LetterModel(tokenizer, lambda prompt: random_logits(tokenizer, prompt))
     result = run_chat_eval(model, tokenizer, None, "MMLU", max_problems=400, batch_size=16)
-    expected = 0
+    expected, logprob = 0, 0.0
     for i in range(400):
         conv = task[i]
         logits = random_logits(tokenizer, tuple(tokenizer.render_for_completion(conv)))
         letter_ids = [tokenizer.encode(letter)[0] for letter in conv["letters"]]
         expected += conv["letters"][int(logits[letter_ids].argmax())] == conv["messages"][-1]["content"]
+        right = conv["letters"].index(conv["messages"][-1]["content"])
+        logprob += torch.log_softmax(logits[letter_ids], 0)[right].item()
     assert result["correct"] == expected and result["total"] == 400
     assert abs(result["accuracy"] - 0.25) < 0.07  # 3 standard deviations of 400 fair 4-way guesses
+    # the mean log-probability of the right letter among the letters, as computed by hand
+    assert result["mean_logprob"] == pytest.approx(logprob / 400, abs=1e-5)
 
 
 def test_padding_does_not_change_a_real_models_answers(base_dir):
@@ -113,7 +122,9 @@ def test_padding_does_not_change_a_real_models_answers(base_dir):
     letters = [c["letters"] for c in convs]
     batched = categorical_predictions(model, tokenizer, prompts, letters)
     alone = [categorical_predictions(model, tokenizer, [p], [l])[0] for p, l in zip(prompts, letters)]
-    assert batched == alone
+    assert [pick for pick, _ in batched] == [pick for pick, _ in alone]
+    for (_, lp_batched), (_, lp_alone) in zip(batched, alone):
+        assert lp_batched == pytest.approx(lp_alone, abs=1e-4)
 
 
 def test_fit_prompt_keeps_bos_and_the_end():

@@ -1,6 +1,8 @@
-"""The DDP-vs-DiLoCo experiment at micro scale: every arm, every column, both plots; re-runs skip finished
-stages; a corrupted stage output is detected and that stage (and what depends on it) is redone."""
+"""The DDP-vs-DiLoCo experiment at micro scale: every arm, every column, the plots, the per-stage measures and
+the drift between arms; re-runs skip finished stages; a corrupted stage output is detected and that stage (and
+what depends on it) is redone; a second seed adds its runs and the statistics over seeds."""
 
+import json
 import os
 import re
 import subprocess
@@ -8,8 +10,8 @@ import sys
 
 from tests.helpers_pipeline import ROOT, make_tiny_corpus
 
-COLUMNS = ["val_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE",
-           "bytes_across_workers", "wall_seconds"]
+COLUMNS = ["val_bpb", "chat_bpb_base", "mid_val_bpb", "sft_val_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU",
+           "GSM8K", "HumanEval", "ChatCORE", "bytes_across_workers", "wall_seconds"]
 
 
 def compare(*args):
@@ -28,8 +30,9 @@ def test_experiment_micro(base_dir):
     make_tiny_corpus(base_dir)
     out = compare()
     report = (base_dir / "compare" / "report.md").read_text()
+    main_table = report.split("| arm |", 1)[1].split("\n\n", 1)[0]  # the first table: one row per arm
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in report.splitlines() if line.startswith("| (")}
+            for line in main_table.splitlines() if line.startswith("| (")}
     assert set(rows) == {"(a) DDP -> DDP mid/SFT", "(b) DiLoCo -> DiLoCo mid/SFT", "(c) DiLoCo -> DDP mid/SFT"}
     header = next(line for line in report.splitlines() if line.startswith("| arm |"))
     assert [c.strip() for c in header.split("|")[2:-1]] == COLUMNS
@@ -37,13 +40,31 @@ def test_experiment_micro(base_dir):
         assert len(cells) == len(COLUMNS)
         for cell in cells:
             float(cell.replace(",", ""))  # every column holds a number
-    # arms (b) and (c) share the DiLoCo base model: same pretraining bpb and CORE
-    assert rows["(b) DiLoCo -> DiLoCo mid/SFT"][:2] == rows["(c) DiLoCo -> DDP mid/SFT"][:2]
+    # arms (b) and (c) share the DiLoCo base model: same pretraining bpb, base chat bpb and CORE
+    b, c = rows["(b) DiLoCo -> DiLoCo mid/SFT"], rows["(c) DiLoCo -> DDP mid/SFT"]
+    assert b[:2] == c[:2] and b[4] == c[4]
     # DiLoCo (H=2 here) sends fewer bytes across workers than DDP over the same pretraining
-    ddp_bytes = float(rows["(a) DDP -> DDP mid/SFT"][8].replace(",", ""))
-    diloco_bytes = float(rows["(b) DiLoCo -> DiLoCo mid/SFT"][8].replace(",", ""))
+    ddp_bytes = float(rows["(a) DDP -> DDP mid/SFT"][11].replace(",", ""))
+    diloco_bytes = float(b[11].replace(",", ""))
     assert diloco_bytes < ddp_bytes
-    for png in ("val_bpb_vs_tokens.png", "val_bpb_vs_bytes.png"):
+    results = json.loads((base_dir / "compare" / "results.json").read_text())
+    for arm, r in results.items():
+        run = r["runs"][0]
+        # the SFT model's chat bpb, measured by chat_eval, is the same measure as SFT's own final val bpb
+        sft_meta = json.loads(next((base_dir / "checkpoints" / "sft" / arm).glob("step_*/meta.json")).read_text())
+        assert abs(run["sft_val_bpb"] - sft_meta["val_bpb"]) < 1e-6, (arm, run["sft_val_bpb"], sft_meta["val_bpb"])
+        for stage in ("base", "mid", "sft"):
+            for task in ("ARC-Easy", "ARC-Challenge", "MMLU"):
+                assert -20 < r["by_stage"][0][stage][f"{task} log p"] < 0
+    drift = json.loads((base_dir / "compare" / "drift.json").read_text())
+    assert {(d["pair"], d["stage"]) for d in drift} == {(p, s) for p in ("(b) vs (a)", "(c) vs (a)")
+                                                        for s in ("base", "mid", "sft")}
+    by = {(d["pair"], d["stage"]): d for d in drift}
+    assert by[("(b) vs (a)", "base")] == dict(by[("(c) vs (a)", "base")], pair="(b) vs (a)", arm="diloco")  # shared base
+    for d in drift:
+        assert len(d["cka"]) == 3 and all(0 < v <= 1 + 1e-9 for v in d["cka"]) and d["relative_l2"] > 0
+    assert "## What each stage brings" in report and "## Drift between arms" in report
+    for png in ("val_bpb_vs_tokens.png", "val_bpb_vs_bytes.png", "post_training.png", "drift_cka_per_layer.png"):
         data = (base_dir / "compare" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         import matplotlib.image
@@ -58,5 +79,17 @@ def test_experiment_micro(base_dir):
     model_pt = next((base_dir / "checkpoints" / "mid" / "ddp").glob("step_*/model.pt"))
     model_pt.write_bytes(model_pt.read_bytes()[:100])
     out = compare()
-    assert stages_run(out) == str(sorted(["mid_train-ddp", "chat_sft-ddp", "chat_eval-ddp"]))
+    assert stages_run(out) == str(sorted(["mid_train-ddp", "chat_eval_mid-ddp", "chat_sft-ddp", "chat_eval-ddp"]))
     assert "is missing or corrupted" in out
+
+    # a second seed: only its own stages run (seed 0's are reused), with its own init and data order
+    out = compare("--arms", "ddp,diloco", "--seeds", "2")
+    assert all(name.endswith("-s1") for name in eval(stages_run(out)))
+    base_cmd = json.loads((base_dir / "runs" / "base_train-ddp-s1.json").read_text())["cmd"]
+    assert base_cmd[base_cmd.index("--seed") + 1] == "1338" and base_cmd[base_cmd.index("--data-seed") + 1] == "1"
+    results = json.loads((base_dir / "compare" / "results.json").read_text())
+    assert results["ddp"]["seeds"] == [1337, 1338]
+    v = [run["val_bpb"] for run in results["ddp"]["runs"]]
+    assert v[0] != v[1] and abs(results["ddp"]["mean"]["val_bpb"] - (v[0] + v[1]) / 2) < 1e-12
+    report = (base_dir / "compare" / "report.md").read_text()
+    assert "## Seeds: spread and differences from (a)" in report and "| (a) seed 1 vs seed 0 | base |" in report

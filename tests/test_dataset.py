@@ -299,3 +299,13 @@ def test_ensure_data_picks_source(base_dir, tmp_path, monkeypatch, server, capsy
         closed_port = s.getsockname()[1]
     assert dataset.ensure_data(2, base_url=f"http://127.0.0.1:{closed_port}") == "offline"
     assert "unreachable" in capsys.readouterr().out and dataset.is_offline_corpus()
+
+
+def test_data_seed_permutes_the_items_the_same_way_every_epoch():
+    from nanochat.dataloader import item_order
+    assert [item_order(10)(i) for i in range(25)] == [i % 10 for i in range(25)]  # 0: the dataset's own order
+    order = item_order(10, data_seed=3)
+    first = [order(i) for i in range(10)]
+    assert sorted(first) == list(range(10)) and first != list(range(10))  # every item once, in another order
+    assert [order(i) for i in range(10, 30)] == first * 2  # the same permutation in every epoch
+    assert first == [item_order(10, data_seed=3)(i) for i in range(10)] != [item_order(10, data_seed=4)(i) for i in range(10)]

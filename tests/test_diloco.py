@@ -130,6 +130,62 @@ def test_outer_nesterov_step_matches_hand_computation():
     assert sync.num_syncs == 3
 
 
+def _hand_rounds(lrs, h=2, lr_in=0.1, mu=0.9, plain_last=False):
+    """Outer Nesterov rounds by hand on one worker, round r with outer lr lrs[r]; plain_last: the last round
+    is a plain average (lr 1, momentum untouched and unused). Returns the parameters after each round."""
+    ref = toy_model()
+    theta = [p.detach().clone() for p in ref.parameters()]
+    buf = [torch.zeros_like(t) for t in theta]
+    out, step = [], 0
+    for r, lr_out in enumerate(lrs):
+        for _ in range(h):
+            x, y = toy_batch(0, step)
+            ref.zero_grad()
+            nn.functional.mse_loss(ref(x), y).backward()
+            with torch.no_grad():
+                for p in ref.parameters():
+                    p -= lr_in * p.grad
+            step += 1
+        with torch.no_grad():
+            for i, p in enumerate(ref.parameters()):
+                delta = theta[i] - p
+                if plain_last and r == len(lrs) - 1:
+                    theta[i] = theta[i] - delta
+                else:
+                    buf[i] = mu * buf[i] + delta
+                    theta[i] = theta[i] - lr_out * (delta + mu * buf[i])
+                p.copy_(theta[i])
+        out.append(flat_params(ref))
+    return out
+
+
+def test_outer_lr_warmup_scales_each_round_by_its_launch_step():
+    """--outer-lr-warmup 3, H 2: rounds launched at steps 2, 4, 6, 8 use 0.7 x 1/3, 2/3, 1, 1."""
+    args = sync_args("--sync", "diloco", "--diloco-h", "2", "--outer-lr", "0.7", "--outer-lr-warmup", "3")
+    model = toy_model()
+    history = train(model, make_sync(args, model, [GroupSGD(model.parameters(), 0.1)], make_worker_groups(args)), 8, 0)
+    expected = _hand_rounds([0.7 * 2 / 6, 0.7 * 4 / 6, 0.7, 0.7])
+    for r in range(4):
+        assert (history[2 * r + 1] - expected[r]).abs().max().item() < 1e-6
+
+
+def test_outer_final_average_makes_only_the_last_exchange_a_plain_average():
+    args = sync_args("--sync", "diloco", "--diloco-h", "2", "--outer-final-average", "1")
+    model = toy_model()
+    sync = make_sync(args, model, [GroupSGD(model.parameters(), 0.1)], make_worker_groups(args))
+    with pytest.raises(RuntimeError, match="set_total_steps"):
+        train(model, sync, 2, 0)
+    model = toy_model()
+    sync = make_sync(args, model, [GroupSGD(model.parameters(), 0.1)], make_worker_groups(args))
+    sync.set_total_steps(6)
+    history = train(model, sync, 6, 0)
+    expected = _hand_rounds([0.7, 0.7, 0.7], plain_last=True)
+    assert not torch.allclose(expected[-1], _hand_rounds([0.7, 0.7, 0.7])[-1])  # the variant changes the result
+    for r in range(3):
+        assert (history[2 * r + 1] - expected[r]).abs().max().item() < 1e-6
+    assert sync.outer_optimizer.param_groups[0]["lr"] == 0.7 and sync.outer_optimizer.param_groups[0]["momentum"] == 0.9
+
+
 # --- workers, groups and communication ------------------------------------------------------------------
 
 def _diverge_then_sync(rank, world_size, compression):
