@@ -43,6 +43,7 @@ import torch
 from diloco import add_sync_args, make_sync, make_worker_groups
 from diloco.codecs import CODECS, add_codec_args, make_codec
 from diloco.fragments import split_into_fragments
+from diloco.recipes import RECIPES
 from nanochat.checkpoint import checkpoint_dir
 from nanochat.common import autocast_context, autodetect_device_type, device_synchronize, get_base_dir
 from nanochat.dataset import list_parquet_files
@@ -50,13 +51,6 @@ from nanochat.gpt import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Drift-aware variants and compressed exchanges for the sweep (2 workers, outer lr 0.7, Nesterov 0.9 unless set)
-RECIPES = {
-    "final_average": ["--diloco-h", "50", "--outer-final-average", "1"],   # no extrapolation into the final weights
-    "lr_warmup": ["--diloco-h", "50", "--outer-lr-warmup", "2"],           # small outer steps while workers disagree
-    "h10_int4": ["--diloco-h", "10", "--outer-compression", "int4"],       # 5x the syncs, each 8x smaller
-    "h10_int4_final_average": ["--diloco-h", "10", "--outer-compression", "int4", "--outer-final-average", "1"],
-}
 
 parser = argparse.ArgumentParser(description="Benchmark DiLoCo against DDP: bpb gap, bytes, wall time, wrapper overhead",
                                  epilog="Any other flag is passed on to scripts.base_train for every arm "
@@ -86,7 +80,8 @@ parser.add_argument("--sweep-momenta", default="0.8,0.9", help="outer Nesterov m
 parser.add_argument("--sweep-hs", default="10,25,50,100", help="H of the sweep")
 parser.add_argument("--sweep-workers", default="2,4", help="DiLoCo workers of the sweep (one process each)")
 parser.add_argument("--recipes", default="final_average,lr_warmup,h10_int4,h10_int4_final_average",
-                    help=f"named recipes run after the grid, from: {', '.join(RECIPES)} ('' = none)")
+                    help=f"recipes (diloco/recipes.py) run after the grid at H 50, 2 workers, from: {', '.join(RECIPES)} "
+                         "('' = none)")
 args, train_args = parser.parse_known_args()
 
 hs = [int(h) for h in args.hs.split(",") if h]
@@ -288,7 +283,8 @@ def run_sweep():
                 for w in ints(args.sweep_workers):
                     flags = ["--sync", "diloco", "--diloco-h", str(h), "--outer-lr", str(lr), "--outer-momentum", str(mom)]
                     specs.append((f"sweep_h{h}_lr{lr}_m{mom}_w{w}", flags, w, dict(h=h, lr=lr, momentum=mom, workers=w)))
-    specs += [(f"recipe_{r}", ["--sync", "diloco", *RECIPES[r]], W, dict(recipe=" ".join(RECIPES[r]))) for r in recipes]
+    specs += [(f"recipe_{r}", ["--sync", "diloco", "--diloco-h", "50", *RECIPES[r]], W, dict(recipe=" ".join(RECIPES[r])))
+              for r in recipes]
     rows = []
     for i, (name, flags, w, knobs) in enumerate(specs):
         print(f"[{i + 1}/{len(specs)}] {name}: {N} steps on {w} processes ...", flush=True)

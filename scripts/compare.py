@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from diloco.recipes import RECIPES, recipe_flags
 from nanochat.checkpoint import checkpoint_dir, find_last_step
 from nanochat.common import get_base_dir
 from nanochat.report import environment
@@ -56,6 +57,17 @@ SCALES = {
     "tiny": dict(
         nproc=2, vocab=4096,
         base=["--preset", "tiny", "--num-iterations", "400", "--eval-every", "50"],
+        mid=["--num-iterations", "100", "--device-batch-size", "16", "--eval-every", "50", "--eval-batches", "8"],
+        sft=["--num-iterations", "60", "--device-batch-size", "4", "--examples-per-step", "16", "--eval-every", "20",
+             "--eval-batches", "8"],
+        base_eval=["--max-per-task", "100", "--split-tokens", "131072", "--device-batch-size", "16"],
+        chat_eval=["--max-problems", "100", "--max-new-tokens", "128", "--batch-size", "16"],
+        chat_bpb_batches=8,
+        diloco={"base": ["--diloco-h", "50"], "mid": ["--diloco-h", "50"], "sft": ["--diloco-h", "20"]}),
+    # one step up from tiny: depth 4, width 256 (about 5 M parameters), the same tokens, tokenizer and stage budgets
+    "small": dict(
+        nproc=2, vocab=4096,
+        base=["--preset", "tiny", "--depth", "4", "--aspect-ratio", "64", "--num-iterations", "400", "--eval-every", "100"],
         mid=["--num-iterations", "100", "--device-batch-size", "16", "--eval-every", "50", "--eval-batches", "8"],
         sft=["--num-iterations", "60", "--device-batch-size", "4", "--examples-per-step", "16", "--eval-every", "20",
              "--eval-batches", "8"],
@@ -171,9 +183,12 @@ def torchrun_cmd(nproc, module, args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
 
 
-def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=(), seeds=1):
+def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=(), seeds=1, recipe="paper"):
     """Every stage of every arm, for seeds seed, seed+1, ... (seed i > 0 also draws its own data order and its
-    checkpoints carry the suffix -s<i>). Returns ({arm: [one result per seed]}, runner)."""
+    checkpoints carry the suffix -s<i>). recipe (diloco/recipes.py): flags of every DiLoCo stage; the checkpoints
+    of arms with a DiLoCo stage carry its name unless it is "paper", so arm (a) is shared between recipes.
+    Returns ({arm: [one result per seed]}, runner)."""
+    diloco_flags = [*recipe_flags(recipe), *diloco_flags]
     scale = SCALES[scale_name]
     nproc = scale["nproc"] or max(1, torch.cuda.device_count())
     base_dir = get_base_dir()
@@ -204,18 +219,20 @@ def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=(), se
         for arm in arms:
             pre_sync, post_sync = ARMS[arm]
             sync = lambda stage, mode: ["--sync", mode] + ([*scale["diloco"][stage], *diloco_flags] if mode == "diloco" else [])
-            base_tag, arm_tag = f"base_{pre_sync}{sfx}", f"{arm}{sfx}"
-            base = f"base_train-{pre_sync}{sfx}"
+            rsfx = "" if recipe == "paper" else f"_{recipe}"
+            base_tag = f"base_{pre_sync}{rsfx if pre_sync == 'diloco' else ''}{sfx}"
+            arm_tag = f"{arm}{rsfx if 'diloco' in ARMS[arm] else ''}{sfx}"
+            base = f"base_train-{base_tag.removeprefix('base_')}"
             # report sections: shared base stages in report/base_<sync>, the arm's own in report/<arm>
             base_report, arm_report = (os.path.join(base_dir, "report", name) for name in (base_tag, arm_tag))
             env_base, env_arm = dict(env, NANOCHAT_REPORT_DIR=base_report), dict(env, NANOCHAT_REPORT_DIR=arm_report)
             runner.run(base, torchrun_cmd(nproc, "scripts.base_train", scale["base"] + sync("base", pre_sync) + seed_args +
                                           ["--model-tag", base_tag]),
                        [], lambda: last_checkpoint_files("base", base_tag), env_base)
-            base_ev = f"base_eval-{pre_sync}{sfx}"
+            base_ev = f"base_eval-{base_tag.removeprefix('base_')}"
             runner.run(base_ev, python_cmd("scripts.base_eval", scale["base_eval"] + ["--model-tag", base_tag]),
                        [base], lambda: [eval_file("base", base_tag)], env_base)
-            base_chat = f"chat_eval_base-{pre_sync}{sfx}"  # the base model on the chat measures, before mid
+            base_chat = f"chat_eval_base-{base_tag.removeprefix('base_')}"  # the base model on the chat measures, before mid
             runner.run(base_chat, torchrun_cmd(nproc, "scripts.chat_eval", ["-i", "base", "--model-tag", base_tag] +
                                                categorical + scale["chat_eval"] + chat_bpb),
                        [base], lambda: [eval_file("chat_base", base_tag)], env_base)
@@ -370,7 +387,7 @@ def paired_difference(values, reference):
     return mean(d), two_se, len(d) > 1 and abs(mean(d)) > two_se
 
 
-def write_report(results, runner, out_dir, scale_name, total_seconds, drift=()):
+def write_report(results, runner, out_dir, scale_name, total_seconds, drift=(), recipe="paper"):
     """results: {arm: [one result per seed]}. Writes report.md, results.json, drift.json and the plots."""
     import matplotlib
     matplotlib.use("Agg")
@@ -452,7 +469,8 @@ def write_report(results, runner, out_dir, scale_name, total_seconds, drift=()):
     lines.append(f"Scale `{scale_name}`, seed(s) {', '.join(map(str, seeds))}; the stages of all arms took {stage_seconds:.0f} s "
                  f"of wall time when they ran (this invocation: {total_seconds:.0f} s; it re-ran {len(redone)} of "
                  f"{len(all_stages)} stages).")
-    lines += ["", f"Means over {len(seeds)} seed(s)." if len(seeds) > 1 else "One seed.", ""]
+    lines += ["", f"DiLoCo recipe `{recipe}` (diloco/recipes.py: {' '.join(RECIPES[recipe]) or 'the scale flags as they are'}). "
+              + (f"Means over {len(seeds)} seeds." if len(seeds) > 1 else "One seed."), ""]
     lines.append("| arm | " + " | ".join(COLUMNS) + " |")
     lines.append("|---|" + "---|" * len(COLUMNS))
     for arm in results:
@@ -495,7 +513,7 @@ def write_report(results, runner, out_dir, scale_name, total_seconds, drift=()):
         lines += ["## Drift between arms", "",
                   "Relative L2 distance of the weights, ||theta_a - theta_x|| / ||theta_a||, and linear CKA of the hidden "
                   "states (embedding and every block) on the first 4 rows of the val split, against arm (a) after each "
-                  f"stage (mean over seeds). 1 = the same representation up to rotation and scale.", "",
+                  "stage (mean over seeds). 1 = the same representation up to rotation and scale.", "",
                   "| pair | after | relative L2 | mean CKA | CKA per layer |", "|---|---|---|---|---|"]
         for (pair, stage), recs in drift_summary.items():
             cka = [mean(layer) for layer in zip(*(r["cka"] for r in recs))]
@@ -543,6 +561,9 @@ def main(argv=None):
                         help="run every arm this many times, with seeds --seed, --seed+1, ... (init and data order); the "
                              "report gives means, standard deviations and which differences exceed two standard errors")
     parser.add_argument("--out", default=None, help="report folder (default: <base>/compare)")
+    parser.add_argument("--diloco-recipe", choices=list(RECIPES), default="paper",
+                        help="flags of every DiLoCo stage from diloco/recipes.py (paper: the scale's H, outer lr 0.7, "
+                             "Nesterov 0.9); the DiLoCo arms' checkpoints carry the recipe's name, arm (a) is shared")
     parser.add_argument("--diloco-flags", default="",
                         help="extra flags for every DiLoCo stage, e.g. \"--diloco-fragments 4 --diloco-overlap 1 "
                              "--outer-compression int4\" (stages whose flags changed are redone)")
@@ -556,11 +577,11 @@ def main(argv=None):
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: must be at least 1")
     results, runner = run_experiment(arms, scale, force=args.force, seed=args.seed, diloco_flags=shlex.split(args.diloco_flags),
-                                     seeds=args.seeds)
+                                     seeds=args.seeds, recipe=args.diloco_recipe)
     print("measuring the drift between arms ...", flush=True)
     drift = measure_drift(results)
     out = args.out or os.path.join(get_base_dir(), "compare")
-    report, plots = write_report(results, runner, out, scale, time.time() - t0, drift)
+    report, plots = write_report(results, runner, out, scale, time.time() - t0, drift, args.diloco_recipe)
     print(open(report).read())
     print(f"report: {report}\nplots: {', '.join(plots)}\nstages run this time: {sorted(runner.redone) or 'none'}")
 

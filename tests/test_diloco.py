@@ -5,7 +5,6 @@ import argparse
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from diloco import add_sync_args, make_sync, make_worker_groups

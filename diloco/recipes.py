@@ -1,0 +1,22 @@
+"""Named DiLoCo recipes: flag sets tried against DiLoCo's gap to DDP (bench_diloco --sweep measures them,
+scripts.compare --diloco-recipe trains the pipeline's DiLoCo arms with one). Each is a list of sync flags added
+after a stage's own (--diloco-h of the scale), so a later flag wins."""
+
+RECIPES = {
+    # the paper's DiLoCo: the scale's H, outer SGD lr 0.7, Nesterov 0.9, fp32 exchange
+    "paper": [],
+    # drift-aware: the exchange applied at the end of training is a plain average, nothing extrapolated into the
+    # final weights by the outer momentum
+    "final_average": ["--outer-final-average", "1"],
+    # drift-aware: small outer steps while the workers' pseudo-gradients still point far apart (first 2 rounds)
+    "lr_warmup": ["--outer-lr-warmup", "2"],
+    # more, smaller exchanges: H 10 (5x the syncs of H 50 at the tiny budget), each int4 (about 8x smaller)
+    "h10_int4": ["--diloco-h", "10", "--outer-compression", "int4"],
+    "h10_int4_final_average": ["--diloco-h", "10", "--outer-compression", "int4", "--outer-final-average", "1"],
+}
+
+
+def recipe_flags(name):
+    if name not in RECIPES:
+        raise ValueError(f"unknown DiLoCo recipe {name!r}: choose from {', '.join(RECIPES)}")
+    return list(RECIPES[name])
