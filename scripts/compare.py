@@ -66,7 +66,7 @@ SCALES = {
         diloco={"base": ["--diloco-h", "50"], "mid": ["--diloco-h", "50"], "sft": ["--diloco-h", "20"]}),
     # one step up from tiny: depth 4, width 256 (about 5 M parameters), the same tokens, tokenizer and stage budgets
     "small": dict(
-        nproc=2, vocab=4096,
+        nproc=2, vocab=4096, tag="_small",  # its checkpoints beside tiny's in the same base dir
         base=["--preset", "tiny", "--depth", "4", "--aspect-ratio", "64", "--num-iterations", "400", "--eval-every", "100"],
         mid=["--num-iterations", "100", "--device-batch-size", "16", "--eval-every", "50", "--eval-batches", "8"],
         sft=["--num-iterations", "60", "--device-batch-size", "4", "--examples-per-step", "16", "--eval-every", "20",
@@ -219,9 +219,9 @@ def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=(), se
         for arm in arms:
             pre_sync, post_sync = ARMS[arm]
             sync = lambda stage, mode: ["--sync", mode] + ([*scale["diloco"][stage], *diloco_flags] if mode == "diloco" else [])
-            rsfx = "" if recipe == "paper" else f"_{recipe}"
-            base_tag = f"base_{pre_sync}{rsfx if pre_sync == 'diloco' else ''}{sfx}"
-            arm_tag = f"{arm}{rsfx if 'diloco' in ARMS[arm] else ''}{sfx}"
+            rsfx = scale.get("tag", "") + ("" if recipe == "paper" else f"_{recipe}")
+            base_tag = f"base_{pre_sync}{rsfx if pre_sync == 'diloco' else scale.get('tag', '')}{sfx}"
+            arm_tag = f"{arm}{rsfx if 'diloco' in ARMS[arm] else scale.get('tag', '')}{sfx}"
             base = f"base_train-{base_tag.removeprefix('base_')}"
             # report sections: shared base stages in report/base_<sync>, the arm's own in report/<arm>
             base_report, arm_report = (os.path.join(base_dir, "report", name) for name in (base_tag, arm_tag))

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers_pipeline import ROOT, make_tiny_corpus
 
 COLUMNS = ["val_bpb", "chat_bpb_base", "mid_val_bpb", "sft_val_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU",
@@ -76,15 +78,15 @@ def test_experiment_micro(base_dir):
     assert stages_run(compare()) == "none"
 
     # a corrupted checkpoint is caught: that stage and its dependents are redone, nothing else
-    model_pt = next((base_dir / "checkpoints" / "mid" / "ddp").glob("step_*/model.pt"))
+    model_pt = next((base_dir / "checkpoints" / "sft" / "ddp").glob("step_*/model.pt"))
     model_pt.write_bytes(model_pt.read_bytes()[:100])
     out = compare()
-    assert stages_run(out) == str(sorted(["mid_train-ddp", "chat_eval_mid-ddp", "chat_sft-ddp", "chat_eval-ddp"]))
+    assert stages_run(out) == str(sorted(["chat_sft-ddp", "chat_eval-ddp"]))
     assert "is missing or corrupted" in out
 
     # a second seed: only its own stages run (seed 0's are reused), with its own init and data order
-    out = compare("--arms", "ddp,diloco", "--seeds", "2")
-    assert all(name.endswith("-s1") for name in eval(stages_run(out)))
+    out = compare("--arms", "ddp", "--seeds", "2")
+    assert len(eval(stages_run(out))) == 7 and all(name.endswith("-s1") for name in eval(stages_run(out)))
     base_cmd = json.loads((base_dir / "runs" / "base_train-ddp-s1.json").read_text())["cmd"]
     assert base_cmd[base_cmd.index("--seed") + 1] == "1338" and base_cmd[base_cmd.index("--data-seed") + 1] == "1"
     results = json.loads((base_dir / "compare" / "results.json").read_text())
@@ -93,3 +95,14 @@ def test_experiment_micro(base_dir):
     assert v[0] != v[1] and abs(results["ddp"]["mean"]["val_bpb"] - (v[0] + v[1]) / 2) < 1e-12
     report = (base_dir / "compare" / "report.md").read_text()
     assert "## Seeds: spread and differences from (a)" in report and "| (a) seed 1 vs seed 0 | base |" in report
+
+
+def test_a_difference_is_real_only_beyond_two_standard_errors():
+    from scripts.compare import paired_difference, std
+    assert std([1.0]) == 0.0 and std([1.0, 3.0]) == 2 ** 0.5
+    # differences 0.10, 0.12, 0.08: mean 0.10, sd 0.02, 2 SE = 0.04 / sqrt(3)
+    d, two_se, real = paired_difference([2.10, 2.22, 2.18], [2.00, 2.10, 2.10])
+    assert d == pytest.approx(0.10) and two_se == pytest.approx(0.04 / 3 ** 0.5) and real
+    d, two_se, real = paired_difference([2.10, 1.90, 2.05], [2.00, 2.00, 2.00])  # +0.10, -0.10, +0.05: noise
+    assert d == pytest.approx(0.05 / 3) and not real
+    assert paired_difference([2.5], [2.0])[2] is False  # one seed: never marked real
