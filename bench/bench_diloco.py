@@ -79,7 +79,7 @@ parser.add_argument("--sweep-lrs", default="0.4,0.7,1.0", help="outer learning r
 parser.add_argument("--sweep-momenta", default="0.8,0.9", help="outer Nesterov momenta of the sweep")
 parser.add_argument("--sweep-hs", default="10,25,50,100", help="H of the sweep")
 parser.add_argument("--sweep-workers", default="2,4", help="DiLoCo workers of the sweep (one process each)")
-parser.add_argument("--recipes", default="final_average,lr_warmup,h10_int4,h10_int4_final_average",
+parser.add_argument("--recipes", default="final_average,lr_warmup,h10_int4,h10_int4_average",
                     help=f"recipes (diloco/recipes.py) run after the grid at H 50, 2 workers, from: {', '.join(RECIPES)} "
                          "('' = none)")
 args, train_args = parser.parse_known_args()

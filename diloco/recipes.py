@@ -12,7 +12,9 @@ RECIPES = {
     "lr_warmup": ["--outer-lr-warmup", "2"],
     # more, smaller exchanges: H 10 (5x the syncs of H 50 at the tiny budget), each int4 (about 8x smaller)
     "h10_int4": ["--diloco-h", "10", "--outer-compression", "int4"],
-    "h10_int4_final_average": ["--diloco-h", "10", "--outer-compression", "int4", "--outer-final-average", "1"],
+    # the same with every exchange a plain average (outer lr 1, no momentum: local SGD): with 40 rounds the
+    # Nesterov momentum of the paper builds up to about 10x the outer lr
+    "h10_int4_average": ["--diloco-h", "10", "--outer-compression", "int4", "--outer-lr", "1.0", "--outer-momentum", "0"],
 }
 
 
