@@ -28,7 +28,8 @@ def final(stage, tag):
     return model, meta, read_metrics(os.path.join(d, "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("mid_mode,sft_mode", [("ddp", "diloco"), ("diloco", "ddp")])
+# DDP mid -> DiLoCo SFT; the other handoff (a DiLoCo checkpoint into DDP stages) is arm (c) of test_compare
+@pytest.mark.parametrize("mid_mode,sft_mode", [("ddp", "diloco")])
 def test_mid_then_sft_in_both_sync_modes(base_checkpoint, monkeypatch, mid_mode, sft_mode):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_checkpoint))
     tag = f"{mid_mode}_{sft_mode}"
@@ -44,10 +45,7 @@ def test_mid_then_sft_in_both_sync_modes(base_checkpoint, monkeypatch, mid_mode,
     assert len(bpbs) == 3 and all(b == b and b < 10 for b in bpbs)  # finite
     losses = [m["loss"] for m in mid_metrics if "loss" in m]
     assert sum(losses[-4:]) / 4 < losses[0] - 0.5  # the new format (special tokens, tasks) is being learned
-    if mid_mode == "ddp":
-        assert mid_meta["inner_bytes"] > 0 and mid_meta["outer_bytes"] == 0
-    else:
-        assert mid_meta["outer_bytes"] > 0 and mid_meta["inner_bytes"] == 0
+    assert mid_meta["inner_bytes"] > 0 and mid_meta["outer_bytes"] == 0  # DDP: gradients every step, no outer sync
 
     torchrun("scripts.chat_sft", ["--model-tag", tag, "--num-iterations", "4", "--device-batch-size", "2",
                                   "--examples-per-step", "8", "--max-seq-len", "256", "--eval-every", "2",
