@@ -64,17 +64,6 @@ SCALES = {
         chat_eval=["--max-problems", "100", "--max-new-tokens", "128", "--batch-size", "16"],
         chat_bpb_batches=8,
         diloco={"base": ["--diloco-h", "50"], "mid": ["--diloco-h", "50"], "sft": ["--diloco-h", "20"]}),
-    # one step up from tiny: depth 4, width 256 (about 5 M parameters), the same tokens, tokenizer and stage budgets
-    "small": dict(
-        nproc=2, vocab=4096, tag="_small",  # its checkpoints beside tiny's in the same base dir
-        base=["--preset", "tiny", "--depth", "4", "--aspect-ratio", "64", "--num-iterations", "400", "--eval-every", "100"],
-        mid=["--num-iterations", "100", "--device-batch-size", "16", "--eval-every", "50", "--eval-batches", "8"],
-        sft=["--num-iterations", "60", "--device-batch-size", "4", "--examples-per-step", "16", "--eval-every", "20",
-             "--eval-batches", "8"],
-        base_eval=["--max-per-task", "100", "--split-tokens", "131072", "--device-batch-size", "16"],
-        chat_eval=["--max-problems", "100", "--max-new-tokens", "128", "--batch-size", "16"],
-        chat_bpb_batches=8,
-        diloco={"base": ["--diloco-h", "50"], "mid": ["--diloco-h", "50"], "sft": ["--diloco-h", "20"]}),
     # nanochat's d20 speedrun on one node of GPUs
     "d20": dict(
         nproc=None, vocab=65536,
@@ -82,6 +71,11 @@ SCALES = {
         chat_bpb_batches=20,
         diloco={"base": ["--diloco-h", "100"], "mid": ["--diloco-h", "100"], "sft": ["--diloco-h", "20"]}),
 }
+
+# one step up from tiny: depth 4, width 256 (about 5 M parameters), the same tokens, tokenizer and stage budgets;
+# its checkpoints carry "_small", beside tiny's in the same base dir
+SCALES["small"] = dict(SCALES["tiny"], tag="_small", base=["--preset", "tiny", "--depth", "4", "--aspect-ratio", "64",
+                                                         "--num-iterations", "400", "--eval-every", "100"])
 
 
 def sha256(path):
