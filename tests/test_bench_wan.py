@@ -26,10 +26,14 @@ def namespaces(pid):
 
 
 def start_bench(args, tmp_path):
-    cmd = [sys.executable, "-m", "bench.bench_wan", "--quick", "--rates", "10mbit", "--probe-seconds", "1",
+    # a 2 s probe: at 1 s the fixed cost of a transfer (threads, slow start) read as 0.79 of the cap once
+    cmd = [sys.executable, "-m", "bench.bench_wan", "--quick", "--rates", "10mbit", "--probe-seconds", "2",
            "--out", str(tmp_path / "wan"), *args]
+    # Ctrl-C must reach the bench even when the suite itself runs in the background, where the shell starts
+    # every process with SIGINT ignored (and Python then installs no KeyboardInterrupt handler)
     return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def stop(proc):
