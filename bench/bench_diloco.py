@@ -47,7 +47,7 @@ from diloco.recipes import RECIPES
 from nanochat.checkpoint import checkpoint_dir
 from nanochat.common import autocast_context, autodetect_device_type, device_synchronize, get_base_dir
 from nanochat.dataset import list_parquet_files
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig, gpt_on_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,8 +161,7 @@ def run_arm(name, sync, steps=None, nproc=None, reuse=None):
 
 def model_params(meta):
     """The trained model's parameters, in order, as shapes only (meta tensors), from its saved config."""
-    with torch.device("meta"):
-        return list(GPT(GPTConfig.from_saved(meta["model_config"])).parameters())
+    return list(gpt_on_meta(GPTConfig.from_saved(meta["model_config"])).parameters())
 
 
 def fragment_codecs(compression, fragments, params):
@@ -205,8 +204,7 @@ def measure_overhead(meta, h, rounds):
 
     def build(sync_mode):
         torch.manual_seed(args.seed)
-        with torch.device("meta"):
-            model = GPT(cfg)
+        model = gpt_on_meta(cfg)
         model.to_empty(device=device)
         model.init_weights()
         opts = model.setup_optimizers(unembedding_lr=u["unembedding_lr"], embedding_lr=u["embedding_lr"],

@@ -20,7 +20,7 @@ import torch
 
 from nanochat.common import autocast_context, autodetect_device_type, compute_init, device_synchronize
 from nanochat.decode import Decoder, for_inference
-from nanochat.gpt import GPT, KVCache, config_from_depth
+from nanochat.gpt import KVCache, config_from_depth, gpt_on_meta
 
 parser = argparse.ArgumentParser(description="Benchmark inference: prefill/decode tokens/s, CUDA graph, KV cache vs recompute")
 parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage (without --depth)")
@@ -41,8 +41,7 @@ _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
 tokenizer = None
 if args.depth:
     config = config_from_depth(args.depth, args.vocab_size, args.sequence_len)
-    with torch.device("meta"):
-        model = GPT(config)
+    model = gpt_on_meta(config)
     model.to_empty(device=device)
     model.init_weights()
     with torch.no_grad():  # init zeroes the output projections: every block would be the identity

@@ -185,10 +185,8 @@ def latest_model_tag(stage):
 
 
 def build_model(model_state, meta, device, phase="eval"):
-    from nanochat.gpt import GPT, GPTConfig
-    config = GPTConfig.from_saved(meta["model_config"])
-    with torch.device("meta"):
-        model = GPT(config)
+    from nanochat.gpt import GPTConfig, gpt_on_meta
+    model = gpt_on_meta(GPTConfig.from_saved(meta["model_config"]))
     model.to_empty(device=device)
     model.init_weights()  # buffers (rotary tables) are not in the state dict
     model.load_state_dict(model_state, strict=True, assign=True)

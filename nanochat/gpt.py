@@ -269,8 +269,12 @@ class GPT(nn.Module):
                                            for i in range(L) if has_value_embeds(config, i)})
         self.smear_gate = nn.Linear(min(SMEAR_CHANNELS, C), 1, bias=False) if config.smear else None
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
-        # non-persistent: rebuilt by init_weights, so build on meta + to_empty + init_weights is safe
-        cos, sin = self._rotary_tables()
+        # non-persistent: rebuilt by init_weights, so build on meta + to_empty + init_weights is safe (on meta only
+        # their shape is made: computing them there would run Python reference ops, see gpt_on_meta)
+        if torch.get_default_device().type == "meta":
+            cos = sin = torch.empty(1, config.sequence_len * ROTARY_LEN_MULT, 1, C // config.n_head // 2)
+        else:
+            cos, sin = self._rotary_tables()
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -434,6 +438,23 @@ class GPT(nn.Module):
             logits = self.forward(ids, kv_cache=kv_cache)[:, -1, :]
             ids = sample_next_token(logits, rng, temperature, top_k)
             yield ids.item()
+
+
+class _SkipModuleInit(torch.overrides.TorchFunctionMode):
+    """Makes the torch.nn.init functions no-ops (the tensor is returned untouched)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def gpt_on_meta(config):
+    """GPT(config) on the meta device: shapes only, for to_empty() + init_weights(), or for counting. The nn
+    modules' own initialisation is skipped (init_weights sets every weight): on meta, nn.Embedding's normal_
+    runs a Python reference op whose first call imports torch._dynamo, 2.4 s of every process's start on CPU."""
+    with torch.device("meta"), _SkipModuleInit():
+        return GPT(config)
 
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):

@@ -20,7 +20,7 @@ from nanochat.checkpoint import checkpoint_dir, restore_training, save_training
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init,
                              device_synchronize, exit_now, init_wandb, peak_flops, print0)
 from nanochat.dataloader import fresh_loader_state, global_loader_state, tokenizing_distributed_data_loader
-from nanochat.gpt import GPT, config_from_depth
+from nanochat.gpt import config_from_depth, gpt_on_meta
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import (batch_size_arg, candidate_batch_sizes, explain_out_of_memory, find_device_batch_size,
                              training_step_trial)
@@ -105,8 +105,7 @@ vocab_size = tokenizer.get_vocab_size()
 model_config = config_from_depth(args.depth, vocab_size, args.max_seq_len, aspect_ratio=args.aspect_ratio,
                                  head_dim=args.head_dim)
 model_config.value_embeds = bool(args.value_embeds)
-with torch.device("meta"):
-    model = GPT(model_config)
+model = gpt_on_meta(model_config)
 model.to_empty(device=device)
 model.init_weights()
 num_params = model.num_params()

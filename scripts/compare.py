@@ -89,10 +89,10 @@ def sha256(path):
 class Runner:
     """Runs stages once; remembers (marker files) what was done with which inputs."""
 
-    def __init__(self, run_dir, force=False):
-        self.run_dir, self.force = run_dir, force
+    def __init__(self, run_dir, force=False, dry_run=False):
+        self.run_dir, self.force, self.dry_run = run_dir, force, dry_run
         os.makedirs(run_dir, exist_ok=True)
-        self.redone = set()
+        self.redone = set()  # with dry_run: the stages that would run
 
     def marker_path(self, name):
         return os.path.join(self.run_dir, f"{name}.json")
@@ -106,7 +106,7 @@ class Runner:
 
     def done(self, name, inputs, cmd=None):
         m = self.marker(name)
-        if self.force or m is None or m["inputs"] != {i: self.digest(i) for i in inputs}:
+        if self.force or m is None or m["inputs"] != {i: self.digest(i) for i in inputs} or self.redone & set(inputs):
             return False
         if cmd is not None and m["cmd"] != cmd:
             print(f"[{name}] its flags changed: redoing the stage", flush=True)
@@ -126,6 +126,10 @@ class Runner:
         if self.done(name, inputs, cmd):
             print(f"[{name}] done earlier, skipping", flush=True)
             return self.marker(name)
+        if self.dry_run:
+            print(f"[{name}] would run: {' '.join(cmd)}", flush=True)
+            self.redone.add(name)
+            return None
         if os.path.exists(self.marker_path(name)):
             os.remove(self.marker_path(name))  # a stage that fails half-way leaves no marker behind
         print(f"[{name}] {' '.join(cmd)}", flush=True)
@@ -177,33 +181,44 @@ def torchrun_cmd(nproc, module, args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
 
 
-def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=(), seeds=1, recipe="paper"):
-    """Every stage of every arm, for seeds seed, seed+1, ... (seed i > 0 also draws its own data order and its
-    checkpoints carry the suffix -s<i>). recipe (diloco/recipes.py): flags of every DiLoCo stage; the checkpoints
-    of arms with a DiLoCo stage carry its name unless it is "paper", so arm (a) is shared between recipes.
-    Returns ({arm: [one result per seed]}, runner)."""
-    diloco_flags = [*recipe_flags(recipe), *diloco_flags]
-    scale = SCALES[scale_name]
-    nproc = scale["nproc"] or max(1, torch.cuda.device_count())
-    base_dir = get_base_dir()
-    runner = Runner(os.path.join(base_dir, "runs"), force=force)
-    env = {"OMP_NUM_THREADS": "1"} if not torch.cuda.is_available() else {}
-
-    # data and tokenizer: shared by every arm; existing valid outputs are adopted
+def prepare_data_and_tokenizer(scale_name, dry_run=False):
+    """The data and the tokenizer, shared by every arm; existing valid ones are adopted."""
     from nanochat.dataset import ensure_data, list_parquet_files
     from nanochat.tokenizer import get_tokenizer
-    if not list_parquet_files():
-        ensure_data(num_shards=240 if scale_name == "d20" else 0)
+    scale = SCALES[scale_name]
     try:
         tokenizer = get_tokenizer()
     except (FileNotFoundError, RuntimeError):
+        tokenizer = None
+    if dry_run:
+        if not list_parquet_files() or tokenizer is None:
+            print(f"the data or the tokenizer is missing in {get_base_dir()}: a run would prepare them first", flush=True)
+        return
+    if not list_parquet_files():
+        ensure_data(num_shards=240 if scale_name == "d20" else 0)
+    if tokenizer is None:
         subprocess.run(python_cmd("scripts.tok_train", ["--vocab-size", str(scale["vocab"])]), check=True)
         subprocess.run(python_cmd("scripts.tok_eval", []), check=True)
         tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != scale["vocab"]:
-        print(f"NOTE: the tokenizer in {base_dir} has {tokenizer.get_vocab_size():,} tokens, scale {scale_name} asks for "
-              f"{scale['vocab']:,}: using it (set NANOCHAT_BASE_DIR to another folder for a tokenizer of the scale's own)")
+        print(f"NOTE: the tokenizer in {get_base_dir()} has {tokenizer.get_vocab_size():,} tokens, scale {scale_name} asks "
+              f"for {scale['vocab']:,}: using it (set NANOCHAT_BASE_DIR to another folder for a tokenizer of the scale's own)")
 
+
+def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=(), seeds=1, recipe="paper", dry_run=False):
+    """Every stage of every arm, for seeds seed, seed+1, ... (seed i > 0 also draws its own data order and its
+    checkpoints carry the suffix -s<i>). recipe (diloco/recipes.py): flags of every DiLoCo stage; the checkpoints
+    of arms with a DiLoCo stage carry its name unless it is "paper", so arm (a) is shared between recipes.
+    dry_run: print the stages that would run (runner.redone) and run nothing.
+    Returns ({arm: [one result per seed]}, runner); the results are empty with dry_run."""
+    diloco_flags = [*recipe_flags(recipe), *diloco_flags]
+    scale = SCALES[scale_name]
+    nproc = scale["nproc"] or max(1, torch.cuda.device_count())
+    base_dir = get_base_dir()
+    runner = Runner(os.path.join(base_dir, "runs"), force=force, dry_run=dry_run)
+    env = {"OMP_NUM_THREADS": "1"} if not torch.cuda.is_available() else {}
+
+    prepare_data_and_tokenizer(scale_name, dry_run)
     chat_bpb = ["--chat-bpb-batches", str(scale["chat_bpb_batches"])]
     categorical = ["-a", "ARC-Easy|ARC-Challenge|MMLU"]
     results = {arm: [] for arm in arms}
@@ -246,6 +261,8 @@ def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=(), se
             runner.run(chat_ev, torchrun_cmd(nproc, "scripts.chat_eval", ["-i", "sft", "--model-tag", arm_tag] +
                                              scale["chat_eval"] + chat_bpb),
                        [sft], lambda: [eval_file("chat_sft", arm_tag)], env_arm)
+            if dry_run:
+                continue
             stages = [base, base_ev, base_chat, mid, mid_chat, sft, chat_ev]
             r = collect_arm(runner, arm_tag, stages, base_tag)
             r.update(report_card=arm_card(base_report, arm_report), stages=stages, sync=ARMS[arm], seed=seed + i,
@@ -558,6 +575,9 @@ def main(argv=None):
     parser.add_argument("--diloco-recipe", choices=list(RECIPES), default="paper",
                         help="flags of every DiLoCo stage from diloco/recipes.py (paper: the scale's H, outer lr 0.7, "
                              "Nesterov 0.9); the DiLoCo arms' checkpoints carry the recipe's name, arm (a) is shared")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the stages a run would do (not done yet, changed flags, corrupted outputs or redone "
+                             "inputs) with their commands, and run nothing")
     parser.add_argument("--diloco-flags", default="",
                         help="extra flags for every DiLoCo stage, e.g. \"--diloco-fragments 4 --diloco-overlap 1 "
                              "--outer-compression int4\" (stages whose flags changed are redone)")
@@ -571,7 +591,10 @@ def main(argv=None):
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: must be at least 1")
     results, runner = run_experiment(arms, scale, force=args.force, seed=args.seed, diloco_flags=shlex.split(args.diloco_flags),
-                                     seeds=args.seeds, recipe=args.diloco_recipe)
+                                     seeds=args.seeds, recipe=args.diloco_recipe, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"dry run: {len(runner.redone)} stage(s) would run: {sorted(runner.redone) or 'none'}")
+        return
     print("measuring the drift between arms ...", flush=True)
     drift = measure_drift(results)
     out = args.out or os.path.join(get_base_dir(), "compare")

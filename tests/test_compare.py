@@ -1,6 +1,7 @@
 """The DDP-vs-DiLoCo experiment at micro scale: every arm, every column, the plots, the per-stage measures and
 the drift between arms; re-runs skip finished stages; a corrupted stage output is detected and that stage (and
-what depends on it) is redone; a second seed adds its runs and the statistics over seeds."""
+what depends on it) is redone, and --dry-run says so beforehand; a second seed plans only its own runs, and the
+statistics over seeds hold on known shifts."""
 
 import json
 import os
@@ -26,6 +27,11 @@ def compare(*args):
 def stages_run(out):
     m = re.search(r"stages run this time: (.*)", out)
     return m.group(1)
+
+
+def planned(out):
+    """--dry-run's stages: {name: command}."""
+    return dict(re.findall(r"^\[(\S+)\] would run: (.*)$", out, re.M))
 
 
 def test_experiment_micro(base_dir):
@@ -77,24 +83,45 @@ def test_experiment_micro(base_dir):
     # a re-run does nothing
     assert stages_run(compare()) == "none"
 
-    # a corrupted checkpoint is caught: that stage and its dependents are redone, nothing else
+    # a corrupted checkpoint is caught: --dry-run names that stage and its dependents and touches nothing, then a
+    # run redoes exactly those
     model_pt = next((base_dir / "checkpoints" / "sft" / "ddp").glob("step_*/model.pt"))
     model_pt.write_bytes(model_pt.read_bytes()[:100])
+    out = compare("--dry-run")
+    assert planned(out) == {"chat_sft-ddp", "chat_eval-ddp"} and "is missing or corrupted" in out
+    assert len(model_pt.read_bytes()) == 100
     out = compare()
     assert stages_run(out) == str(sorted(["chat_sft-ddp", "chat_eval-ddp"]))
-    assert "is missing or corrupted" in out
 
-    # a second seed: only its own stages run (seed 0's are reused), with its own init and data order
-    out = compare("--arms", "ddp", "--seeds", "2")
-    assert len(eval(stages_run(out))) == 7 and all(name.endswith("-s1") for name in eval(stages_run(out)))
-    base_cmd = json.loads((base_dir / "runs" / "base_train-ddp-s1.json").read_text())["cmd"]
-    assert base_cmd[base_cmd.index("--seed") + 1] == "1338" and base_cmd[base_cmd.index("--data-seed") + 1] == "1"
-    results = json.loads((base_dir / "compare" / "results.json").read_text())
+    # a second seed: only its own 7 stages would run (seed 0's are reused), with its own init and data order
+    out = compare("--arms", "ddp", "--seeds", "2", "--dry-run")
+    cmds = planned(out)
+    assert set(cmds) == {f"{stage}-ddp-s1" for stage in ("base_train", "base_eval", "chat_eval_base", "mid_train",
+                                                          "chat_eval_mid", "chat_sft", "chat_eval")}
+    for stage in ("base_train", "mid_train", "chat_sft"):
+        assert " --seed 1338 --data-seed 1 " in cmds[f"{stage}-ddp-s1"] + " "
+    assert "--model-tag base_ddp-s1" in cmds["base_train-ddp-s1"] and "--output-tag ddp-s1" in cmds["mid_train-ddp-s1"]
+    assert not (base_dir / "runs" / "base_train-ddp-s1.json").exists()
+
+    # the statistics over seeds, on seed 0's real results read back (nothing runs) and a copy of them as seed 1
+    # with a known shift: means, standard deviations, and the drift between two identical models (zero, CKA 1)
+    from scripts.compare import measure_drift, run_experiment, write_report
+    results, runner = run_experiment(["ddp"], "micro")
+    assert runner.redone == set()
+    r0 = results["ddp"][0]
+    r1 = json.loads(json.dumps(r0))
+    r1["seed"], r1["row"]["val_bpb"] = 1338, r0["row"]["val_bpb"] + 0.5
+    drift = measure_drift({"ddp": [r0, r1]})
+    assert {(d["pair"], d["stage"]) for d in drift} == {("(a) seed 1 vs seed 0", s) for s in ("base", "mid", "sft")}
+    for d in drift:
+        assert d["relative_l2"] == 0 and all(abs(v - 1) < 1e-5 for v in d["cka"])
+    write_report({"ddp": [r0, r1]}, runner, str(base_dir / "seeds"), "micro", 0.0, drift)
+    results = json.loads((base_dir / "seeds" / "results.json").read_text())
     assert results["ddp"]["seeds"] == [1337, 1338]
-    v = [run["val_bpb"] for run in results["ddp"]["runs"]]
-    assert v[0] != v[1] and abs(results["ddp"]["mean"]["val_bpb"] - (v[0] + v[1]) / 2) < 1e-12
-    report = (base_dir / "compare" / "report.md").read_text()
+    assert results["ddp"]["mean"]["val_bpb"] == pytest.approx(r0["row"]["val_bpb"] + 0.25)
+    report = (base_dir / "seeds" / "report.md").read_text()
     assert "## Seeds: spread and differences from (a)" in report and "| (a) seed 1 vs seed 0 | base |" in report
+    assert f"| {0.5 / 2 ** 0.5:.4f} |" in report.split("## Seeds", 1)[1]  # the std of val_bpb over the two seeds
 
 
 def test_a_difference_is_real_only_beyond_two_standard_errors():
