@@ -4,12 +4,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nanochat.comm import comm_stats, label_group, reset_comm_stats
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import AdamW, Muon, normalized_per_neuron, polar_express, zeropower_via_newtonschulz5
 from nanochat.train_loop import lr_multiplier, muon_momentum, set_schedule
+from tests.dist_utils import run_distributed
 
 torch.set_num_threads(1)
 
@@ -42,9 +42,7 @@ def numel(opt):
     return sum(p.numel() for g in opt.param_groups for p in g["params"])
 
 
-def _worker(rank, tmpdir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmpdir}/rendezvous", rank=rank, world_size=2)
+def _worker(rank, world_size, tmpdir):
     half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
     data = batches()
 
@@ -76,7 +74,6 @@ def _worker(rank, tmpdir):
         train_step(model, optimizers, x[half], y[half])
     assert comm_stats() == {}
     torch.save(model.state_dict(), os.path.join(tmpdir, f"single{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def max_diff(a, b):
@@ -93,7 +90,7 @@ def max_diff(a, b):
 
 
 def test_distributed_equals_local(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    run_distributed(_worker, 2, tmp_path, str(tmp_path))
     data = batches()
 
     model = build()
