@@ -452,7 +452,8 @@ class _SkipModuleInit(torch.overrides.TorchFunctionMode):
 def gpt_on_meta(config):
     """GPT(config) on the meta device: shapes only, for to_empty() + init_weights(), or for counting. The nn
     modules' own initialisation is skipped (init_weights sets every weight): on meta, nn.Embedding's normal_
-    runs a Python reference op whose first call imports torch._dynamo, 2.4 s of every process's start on CPU."""
+    runs a Python reference op whose first call imports torch._dynamo, 2.4 s (CPU) at the start of every process
+    that loads a model to evaluate or serve it (training processes pay it anyway, in torch.optim)."""
     with torch.device("meta"), _SkipModuleInit():
         return GPT(config)
 
