@@ -53,7 +53,7 @@ from diloco.codecs import CODECS, add_codec_args, make_codec
 from diloco.fragments import Fragment, Pending, split_into_fragments
 from diloco.membership import ElasticCodec, TorchftMembership, add_membership_args
 from nanochat import comm
-from nanochat.common import get_dist_info
+from nanochat.common import collective_timeout, get_dist_info
 
 
 def add_sync_args(parser):
@@ -87,8 +87,9 @@ def add_sync_args(parser):
     add_membership_args(g)
     g.add_argument("--comm-delay-ms", type=float, default=0.0,
                    help="test hook: every collective across workers (DDP: inner, DiLoCo: outer) sleeps this long")
-    g.add_argument("--collective-timeout", type=float, default=600.0,
-                   help="seconds a collective waits for a peer before the run fails")
+    g.add_argument("--collective-timeout", type=float, default=collective_timeout(),
+                   help="seconds a collective waits for a peer before the run fails (default: $NANOCHAT_COLLECTIVE_TIMEOUT "
+                        "or 600)")
     return parser
 
 

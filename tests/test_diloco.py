@@ -42,6 +42,13 @@ def sync_args(*argv):
     return add_sync_args(argparse.ArgumentParser()).parse_args(list(argv))
 
 
+def test_collective_timeout_defaults_to_the_environment(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_COLLECTIVE_TIMEOUT", raising=False)
+    assert sync_args().collective_timeout == 600.0
+    monkeypatch.setenv("NANOCHAT_COLLECTIVE_TIMEOUT", "3600")  # e.g. a run that may be paused (SIGSTOP) for a while
+    assert sync_args().collective_timeout == 3600.0 and sync_args("--collective-timeout", "5").collective_timeout == 5.0
+
+
 def flat_params(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
