@@ -109,11 +109,11 @@ class Runner:
         if self.force or m is None or m["inputs"] != {i: self.digest(i) for i in inputs} or self.redone & set(inputs):
             return False
         if cmd is not None and m["cmd"] != cmd:
-            print(f"[{name}] its flags changed: redoing the stage", flush=True)
+            print(f"[{name}] its flags changed: the stage runs again", flush=True)
             return False
         for path, digest in m["outputs"].items():
             if not os.path.exists(path) or sha256(path) != digest:
-                print(f"[{name}] output {path} is missing or corrupted: redoing the stage", flush=True)
+                print(f"[{name}] output {path} is missing or corrupted: the stage runs again", flush=True)
                 return False
         return True
 
