@@ -391,6 +391,20 @@ def std(values):
     return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
+def gap_against_baseline(values, baseline, reference, fraction=0.5):
+    """Seed by seed, an arm's gap to the reference arm (a) against the same arm's gap under a baseline recipe.
+    Returns (mean gap, mean baseline gap, ratio of the means, and whether the gap is below `fraction` of the
+    baseline's beyond two standard errors: the paired differences (v - r) - fraction x (b - r) have a mean
+    under minus 2 SE). Where the baseline is not behind (a) on average there is no gap to cut: ratio and verdict
+    are None."""
+    gaps = [v - r for v, r in zip(values, reference, strict=True)]
+    base_gaps = [b - r for b, r in zip(baseline, reference, strict=True)]
+    if mean(base_gaps) <= 0:
+        return mean(gaps), mean(base_gaps), None, None
+    d, two_se, _ = paired_difference(gaps, [fraction * g for g in base_gaps])
+    return mean(gaps), mean(base_gaps), mean(gaps) / mean(base_gaps), len(gaps) > 1 and d + two_se < 0
+
+
 def paired_difference(values, reference):
     """Mean of the seed-by-seed differences, two standard errors of that mean, and whether it exceeds them."""
     d = [v - r for v, r in zip(values, reference, strict=True)]
@@ -398,8 +412,9 @@ def paired_difference(values, reference):
     return mean(d), two_se, len(d) > 1 and abs(mean(d)) > two_se
 
 
-def write_report(results, runner, out_dir, scale_name, total_seconds, drift=(), recipe="paper"):
-    """results: {arm: [one result per seed]}. Writes report.md, results.json, drift.json and the plots."""
+def write_report(results, runner, out_dir, scale_name, total_seconds, drift=(), recipe="paper", baseline=None):
+    """results: {arm: [one result per seed]}; baseline: (recipe name, results of its DiLoCo arms) or None.
+    Writes report.md, results.json, drift.json (and baseline.json) and the plots."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -509,6 +524,28 @@ def write_report(results, runner, out_dir, scale_name, total_seconds, drift=(), 
                     d, two_se, real = paired_difference(col(arm, k), col("ddp", k))
                     lines.append(f"| {ARM_LABELS[arm]} | {k} | {d:+.4f} | {two_se:.4f} | {'yes' if real else 'no'} |")
         lines.append("")
+    baseline_rows = []
+    if baseline and "ddp" in results:
+        name, base_results = baseline
+        lines += [f"## Against recipe `{name}`", "",
+                  f"Each DiLoCo arm's gap to (a) with recipe `{recipe}`, against the same arm's gap with recipe `{name}` "
+                  f"(same seeds, same arm (a)). 'under half' means the seed-by-seed differences gap - gap_{name} / 2 are "
+                  "below zero by more than two standard errors; 'fewer bytes' is (a)'s bytes across workers over the arm's.",
+                  "", f"| arm | measure | gap `{recipe}` | gap `{name}` | ratio | under half? | fewer bytes than (a) |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm in results:
+            if arm == "ddp" or arm not in base_results:
+                continue
+            fewer = mean(col("ddp", "bytes_across_workers")) / mean(col(arm, "bytes_across_workers"))
+            for k in ["val_bpb", "chat_bpb_base", "mid_val_bpb", "sft_val_bpb"]:
+                gap, base_gap, ratio, half = gap_against_baseline(
+                    col(arm, k), [r["row"][k] for r in base_results[arm]], col("ddp", k))
+                baseline_rows.append({"arm": arm, "measure": k, "gap": gap, "baseline_gap": base_gap, "ratio": ratio,
+                                      "under_half": half, "fewer_bytes": fewer})
+                lines.append(f"| {ARM_LABELS[arm]} | {k} | {gap:+.4f} | {base_gap:+.4f} | "
+                             f"{'-' if ratio is None else f'{ratio:.2f}'} | "
+                             f"{ {True: 'yes', False: 'no', None: 'no gap to cut'}[half]} | {fewer:.1f}x |")
+        lines.append("")
     lines += ["## What each stage brings", "",
               "After each stage: bpb on the assistant tokens of the held-out chat conversations (the same set for every "
               "arm and stage), and for the multiple-choice tasks the mean log-probability of the right letter among the "
@@ -553,6 +590,9 @@ def write_report(results, runner, out_dir, scale_name, total_seconds, drift=(), 
         {arm: {"mean": {k: mean(col(arm, k)) for k in COLUMNS}, "seeds": seeds, "runs": [r["row"] for r in runs],
                "by_stage": [r["by_stage"] for r in runs]} for arm, runs in results.items()}, indent=1))
     write_atomic(os.path.join(out_dir, "drift.json"), json.dumps(list(drift), indent=1))
+    if baseline:
+        write_atomic(os.path.join(out_dir, "baseline.json"), json.dumps(
+            {"recipe": recipe, "baseline_recipe": baseline[0], "seeds": seeds, "rows": baseline_rows}, indent=1))
     return report, plots
 
 
@@ -575,6 +615,9 @@ def main(argv=None):
     parser.add_argument("--diloco-recipe", choices=list(RECIPES), default="paper",
                         help="flags of every DiLoCo stage from diloco/recipes.py (paper: the scale's H, outer lr 0.7, "
                              "Nesterov 0.9); the DiLoCo arms' checkpoints carry the recipe's name, arm (a) is shared")
+    parser.add_argument("--baseline-recipe", choices=list(RECIPES), default=None,
+                        help="also train (or reuse) the DiLoCo arms with this recipe, same seeds, and report each arm's gap "
+                             "to (a) against the baseline's: ratio, and whether it is under half beyond two standard errors")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the stages a run would do (not done yet, changed flags, corrupted outputs or redone "
                              "inputs) with their commands, and run nothing")
@@ -590,15 +633,27 @@ def main(argv=None):
     t0 = time.time()
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: must be at least 1")
-    results, runner = run_experiment(arms, scale, force=args.force, seed=args.seed, diloco_flags=shlex.split(args.diloco_flags),
-                                     seeds=args.seeds, recipe=args.diloco_recipe, dry_run=args.dry_run)
+    if args.baseline_recipe and ("ddp" not in arms or arms == ["ddp"]):
+        parser.error("--baseline-recipe compares DiLoCo arms' gaps to arm (a): --arms needs ddp and a DiLoCo arm")
+    if args.baseline_recipe == args.diloco_recipe:
+        parser.error(f"--baseline-recipe {args.baseline_recipe} is the --diloco-recipe itself: name another recipe")
+    run = lambda recipe, arm_list: run_experiment(arm_list, scale, force=args.force, seed=args.seed,
+                                                  diloco_flags=shlex.split(args.diloco_flags), seeds=args.seeds,
+                                                  recipe=recipe, dry_run=args.dry_run)
+    results, runner = run(args.diloco_recipe, arms)
+    baseline = None
+    if args.baseline_recipe:  # arm (a) is shared between recipes: only the DiLoCo arms can run again
+        print(f"baseline: the DiLoCo arms with recipe {args.baseline_recipe} ...", flush=True)
+        base_results, base_runner = run(args.baseline_recipe, arms)
+        baseline = (args.baseline_recipe, base_results)
+        runner.redone |= base_runner.redone
     if args.dry_run:
         print(f"dry run: {len(runner.redone)} stage(s) would run: {sorted(runner.redone) or 'none'}")
         return
     print("measuring the drift between arms ...", flush=True)
     drift = measure_drift(results)
     out = args.out or os.path.join(get_base_dir(), "compare")
-    report, plots = write_report(results, runner, out, scale, time.time() - t0, drift, args.diloco_recipe)
+    report, plots = write_report(results, runner, out, scale, time.time() - t0, drift, args.diloco_recipe, baseline)
     print(open(report).read())
     print(f"report: {report}\nplots: {', '.join(plots)}\nstages run this time: {sorted(runner.redone) or 'none'}")
 

@@ -103,6 +103,11 @@ def test_experiment_micro(base_dir):
     assert "--model-tag base_ddp-s1" in cmds["base_train-ddp-s1"] and "--output-tag ddp-s1" in cmds["mid_train-ddp-s1"]
     assert not (base_dir / "runs" / "base_train-ddp-s1.json").exists()
 
+    # a recipe against the paper's: only the recipe's DiLoCo stages would run, the paper's and arm (a) are reused
+    out = compare("--arms", "ddp,diloco", "--diloco-recipe", "final_average", "--baseline-recipe", "paper", "--dry-run")
+    assert set(planned(out)) == {f"{stage}-diloco_final_average" for stage in (
+        "base_train", "base_eval", "chat_eval_base", "mid_train", "chat_eval_mid", "chat_sft", "chat_eval")}
+
     # the statistics over seeds, on seed 0's real results read back (nothing runs) and a copy of them as seed 1
     # with a known shift: means, standard deviations, and the drift between two identical models (zero, CKA 1)
     from scripts.compare import measure_drift, run_experiment, write_report
@@ -122,6 +127,38 @@ def test_experiment_micro(base_dir):
     report = (base_dir / "seeds" / "report.md").read_text()
     assert "## Seeds: spread and differences from (a)" in report and "| (a) seed 1 vs seed 0 | base |" in report
     assert f"| {0.5 / 2 ** 0.5:.4f} |" in report.split("## Seeds", 1)[1]  # the std of val_bpb over the two seeds
+
+    # against a baseline recipe, known gaps to (a) per seed (recipe, baseline): val bpb cut to about a quarter,
+    # chat bpb not cut, mid val bpb where the baseline is ahead of (a), SFT halved on average but not on every seed
+    diloco = run_experiment(["diloco"], "micro")[0]["diloco"][0]
+    recipe, base = ([json.loads(json.dumps(diloco)) for _ in range(2)] for _ in range(2))
+    gaps = {"val_bpb": [(0.10, 0.40), (0.12, 0.42)], "chat_bpb_base": [(0.2, 0.2), (0.2, 0.21)],
+            "mid_val_bpb": [(-0.05, -0.1), (-0.05, -0.1)], "sft_val_bpb": [(0.10, 0.40), (0.30, 0.40)]}
+    for i in range(2):
+        recipe[i]["seed"] = base[i]["seed"] = 1337 + i
+        for k, per_seed in gaps.items():
+            a = (r0, r1)[i]["row"][k]
+            recipe[i]["row"][k], base[i]["row"][k] = a + per_seed[i][0], a + per_seed[i][1]
+    write_report({"ddp": [r0, r1], "diloco": recipe}, runner, str(base_dir / "recipe"), "micro", 0.0, (),
+                 "final_average", ("paper", {"diloco": base}))
+    report = (base_dir / "recipe" / "report.md").read_text()
+    assert "## Against recipe `paper`" in report
+    assert "| (b) DiLoCo -> DiLoCo mid/SFT | val_bpb | +0.1100 | +0.4100 | 0.27 | yes |" in report
+    rows = json.loads((base_dir / "recipe" / "baseline.json").read_text())["rows"]
+    assert {r["measure"]: r["under_half"] for r in rows} == {"val_bpb": True, "chat_bpb_base": False,
+                                                            "mid_val_bpb": None, "sft_val_bpb": False}
+    assert "| mid_val_bpb | -0.0500 | -0.1000 | - | no gap to cut |" in report
+
+
+def test_a_recipe_halves_the_gap_only_beyond_two_standard_errors():
+    from scripts.compare import gap_against_baseline
+    # gaps 0.10, 0.12 vs baseline gaps 0.40, 0.42: differences -0.10, -0.09, mean -0.095, 2 SE 0.01
+    gap, base_gap, ratio, half = gap_against_baseline([2.10, 2.12], [2.40, 2.42], [2.0, 2.0])
+    assert (gap, base_gap, ratio, half) == (pytest.approx(0.11), pytest.approx(0.41), pytest.approx(0.11 / 0.41), True)
+    # gaps 0.10, 0.30 vs 0.40, 0.40: half on average (0.5) but the seeds disagree: differences -0.10, +0.10
+    assert gap_against_baseline([2.10, 2.30], [2.40, 2.40], [2.0, 2.0])[3] is False
+    assert gap_against_baseline([2.1], [2.4], [2.0])[3] is False  # one seed: never
+    assert gap_against_baseline([1.9, 1.9], [1.8, 1.8], [2.0, 2.0])[2:] == (None, None)  # the baseline is ahead
 
 
 def test_a_difference_is_real_only_beyond_two_standard_errors():
