@@ -412,6 +412,9 @@ def paired_difference(values, reference):
     return mean(d), two_se, len(d) > 1 and abs(mean(d)) > two_se
 
 
+UNDER_HALF_LABELS = {True: "yes", False: "no", None: "no gap to cut"}  # gap_against_baseline's verdict
+
+
 def write_report(results, runner, out_dir, scale_name, total_seconds, drift=(), recipe="paper", baseline=None):
     """results: {arm: [one result per seed]}; baseline: (recipe name, results of its DiLoCo arms) or None.
     Writes report.md, results.json, drift.json (and baseline.json) and the plots."""
@@ -419,7 +422,9 @@ def write_report(results, runner, out_dir, scale_name, total_seconds, drift=(), 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(out_dir, exist_ok=True)
-    all_stages = sorted({stage for runs in results.values() for r in runs for stage in r["stages"]})
+    # both recipes' stages: the baseline's re-run stages are in runner.redone too
+    every_run = list(results.values()) + (list(baseline[1].values()) if baseline else [])
+    all_stages = sorted({stage for runs in every_run for r in runs for stage in r["stages"]})
     stage_seconds = sum(runner.marker(stage)["seconds"] for stage in all_stages)
     redone = runner.redone
     seeds = [r["seed"] for r in next(iter(results.values()))]
@@ -544,7 +549,7 @@ def write_report(results, runner, out_dir, scale_name, total_seconds, drift=(), 
                                       "under_half": half, "fewer_bytes": fewer})
                 lines.append(f"| {ARM_LABELS[arm]} | {k} | {gap:+.4f} | {base_gap:+.4f} | "
                              f"{'-' if ratio is None else f'{ratio:.2f}'} | "
-                             f"{ {True: 'yes', False: 'no', None: 'no gap to cut'}[half]} | {fewer:.1f}x |")
+                             f"{UNDER_HALF_LABELS[half]} | {fewer:.1f}x |")
         lines.append("")
     lines += ["## What each stage brings", "",
               "After each stage: bpb on the assistant tokens of the held-out chat conversations (the same set for every "

@@ -143,6 +143,8 @@ def test_experiment_micro(base_dir):
                  "final_average", ("paper", {"diloco": base}))
     report = (base_dir / "recipe" / "report.md").read_text()
     assert "## Against recipe `paper`" in report
+    stages = {s for r in [r0, r1] + recipe + base for s in r["stages"]}  # both recipes' stages are counted
+    assert f"it re-ran {len(runner.redone)} of {len(stages)} stages" in report
     assert "| (b) DiLoCo -> DiLoCo mid/SFT | val_bpb | +0.1100 | +0.4100 | 0.27 | yes |" in report
     rows = json.loads((base_dir / "recipe" / "baseline.json").read_text())["rows"]
     assert {r["measure"]: r["under_half"] for r in rows} == {"val_bpb": True, "chat_bpb_base": False,
