@@ -106,8 +106,12 @@ class Runner:
 
     def done(self, name, inputs, cmd=None):
         m = self.marker(name)
-        if self.force or m is None or m["inputs"] != {i: self.digest(i) for i in inputs} or self.redone & set(inputs):
-            return False
+        if m is None or m["inputs"] != {i: self.digest(i) for i in inputs}:
+            return False  # never run, or an input stage re-ran since (a new marker has a new digest)
+        if self.force and name not in self.redone:
+            return False  # --force: every stage once, not again for each arm that shares it
+        if self.dry_run and self.redone & set(inputs):
+            return False  # a dry run writes no markers: an input that would run marks this stage too
         if cmd is not None and m["cmd"] != cmd:
             print(f"[{name}] its flags changed: the stage runs again", flush=True)
             return False
@@ -127,7 +131,8 @@ class Runner:
             print(f"[{name}] done earlier, skipping", flush=True)
             return self.marker(name)
         if self.dry_run:
-            print(f"[{name}] would run: {' '.join(cmd)}", flush=True)
+            if name not in self.redone:  # a base stage shared by arms (b) and (c) is listed once
+                print(f"[{name}] would run: {' '.join(cmd)}", flush=True)
             self.redone.add(name)
             return None
         if os.path.exists(self.marker_path(name)):

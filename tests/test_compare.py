@@ -37,6 +37,8 @@ def planned(out):
 def test_experiment_micro(base_dir):
     make_tiny_corpus(base_dir)
     out = compare()
+    finished = re.findall(r"^\[(\S+)\] finished in", out, re.M)
+    assert sorted(finished) == sorted(set(finished)), finished  # arms (b) and (c) share their base stages: run once
     report = (base_dir / "compare" / "report.md").read_text()
     main_table = report.split("| arm |", 1)[1].split("\n\n", 1)[0]  # the first table: one row per arm
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
