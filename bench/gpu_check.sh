@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The project's GPU check: one GPU, no network, sized for at most 6 minutes (stages are time-limited). Prints, for d20 (vocab 65,536, device batch
-# 32 x 2048) trained a few steps with --sync ddp, --sync diloco and --sync diloco --outer-device cpu, the peak
-# memory allocated and the MFU; the decode figures of bench_inference (prompt 512 + 512 generated, batch 1 and
-# 8, CUDA graph vs eager, KV cache vs recompute); and a few requests answered by chat_web on the GPU.
+# The project's GPU check: one GPU, no network, about 7 minutes on an H100 (stages are time-limited). Prints, for d20
+# (vocab 65,536, sequence 2048) trained a few steps with --sync ddp (micro-batch auto), --sync diloco and --sync
+# diloco --outer-device cpu (at the micro-batch auto chose), the peak memory allocated and the MFU; the decode
+# figures of bench_inference (prompt 512 + 512 generated, batch 1 and 8, CUDA graph vs eager, KV cache vs
+# recompute); and a few requests answered by chat_web on the GPU.
 #
 #   bash bench/gpu_check.sh prepare   # on any CPU machine: data + tokenizer into artifacts/gpu_check (~6 MB)
 #   bash bench/gpu_check.sh           # on the GPU machine, with artifacts/gpu_check carried along
@@ -50,7 +51,8 @@ started=$(date +%s)
 "$PY" -c "import torch; print(f'{torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda}')" | tee "$OUT/device.txt"
 
 # 1. d20 training, a few steps per arm (the first compiles; later arms reuse the compile caches). One process
-#    under torchrun, as a real run (nccl); 6 steps of one micro-batch; DiLoCo with H = 2 so outer steps happen.
+#    under torchrun, as a real run (nccl); 6 steps of 65,536 tokens, what each of 8 GPUs takes per step of the d20
+#    speedrun (524,288 tokens); DiLoCo with H = 2 so outer steps happen.
 train() {  # name, seconds allowed, extra flags...
     local name=$1 limit=$2; shift 2
     echo "== base_train $name"
@@ -60,13 +62,15 @@ train() {  # name, seconds allowed, extra flags...
     grep -E "device-batch-size auto|micro-steps of|^done:|out of memory" "$OUT/train_$name.log" | sed 's/^/   /'
     [ "$name" = ddp ] || rm -rf "$WORK/checkpoints/base/gc_$name"  # chat_web serves the DDP one; disk is finite
 }
-train ddp 180 --sync ddp                                            # --device-batch-size auto (the CUDA default)
-train diloco 100 --sync diloco --diloco-h 2 --device-batch-size 32
-train diloco_outer_cpu 100 --sync diloco --diloco-h 2 --outer-device cpu --device-batch-size 32
+train ddp 300 --sync ddp                                            # --device-batch-size auto (the CUDA default)
+# the DiLoCo arms at the DDP arm's micro-batch, so that their peaks compare (and no second search compiles again)
+batch=$(grep -oE "device-batch-size auto: [0-9]+" "$OUT/train_ddp.log" | grep -oE "[0-9]+$" || echo 16)
+train diloco 150 --sync diloco --diloco-h 2 --device-batch-size "$batch"
+train diloco_outer_cpu 150 --sync diloco --diloco-h 2 --outer-device cpu --device-batch-size "$batch"
 
 # 2. decoding at d20 (random weights): graph vs eager, KV cache vs recompute, greedy tokens checked identical
 echo "== bench_inference --depth 20"
-timeout 100 "$PY" -m bench.bench_inference --depth 20 --prompt-len 512 --gen-len 512 --batch-size 8 --repeats 1 \
+timeout 240 "$PY" -m bench.bench_inference --depth 20 --prompt-len 512 --gen-len 512 --batch-size 8 --repeats 1 \
     > "$OUT/bench_inference.log" 2>&1 || { echo "   FAILED (exit $?)"; failed=1; }
 sed -n '/^phase/,$p' "$OUT/bench_inference.log" | sed 's/^/   /'
 
@@ -103,7 +107,8 @@ for q in ["What is the capital of France?", "Write a haiku about GPUs.", "What i
 EOF
 kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; SERVER=""
 
-# Summary: peak memory and MFU (median of the steps after the first two, which include compilation)
+# Summary: peak memory, and MFU and tokens/s over the steps after the first two (which include compilation), as
+# total tokens over total time: a DiLoCo arm's outer steps (every second step here) count in full
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import re, statistics, sys
 out = sys.argv[1]
@@ -117,8 +122,8 @@ for arm in ("ddp", "diloco", "diloco_outer_cpu"):
     batch = re.findall(r"micro-steps of (\d+)x", log)
     peak = re.findall(r"peak memory allocated ([\d,]+) MiB", log)
     steps = re.findall(r"tok/s ([\d,]+) \| mfu ([\d.]+)%", log)[2:]
-    mfu = f"{statistics.median(float(m) for _, m in steps):.1f}%" if steps else "-"
-    tps = f"{statistics.median(int(t.replace(',', '')) for t, _ in steps):,}" if steps else "-"
+    mfu = f"{statistics.harmonic_mean(float(m) for _, m in steps):.1f}%" if steps else "-"
+    tps = f"{statistics.harmonic_mean(int(t.replace(',', '')) for t, _ in steps):,.0f}" if steps else "-"
     print(f"{arm:<22} {batch[0] if batch else '-':>5} {(peak[0] + ' MiB') if peak else 'failed':>15} {mfu:>7} {tps:>9}")
 EOF
 echo "gpu check: $(( $(date +%s) - started )) s, logs in $OUT"
