@@ -98,3 +98,31 @@ def test_decode_step_carries_every_model_switch():
     fresh.prefill(prefill)
     full = model(torch.cat([prompt.expand(2, -1), torch.tensor([[1], [2]])], dim=1))[:, -1]
     torch.testing.assert_close(fresh.step(torch.tensor([[1], [2]])), full, rtol=0, atol=1e-4)
+
+
+def _teacher_forced_differences(capsys, argv):
+    import re
+    import runpy
+    import sys
+    old_argv = sys.argv
+    sys.argv = ["bench_inference", *argv]
+    try:
+        runpy.run_module("bench.bench_inference", run_name="__main__")
+    finally:
+        sys.argv = old_argv
+    out = capsys.readouterr().out
+    return [float(x) for x in re.findall(r"teacher-forced, static KV cache, eager .* logits differ by (\S+) ", out)]
+
+
+def test_bench_inference_teacher_forced_rows_tell_a_wrong_step_from_rounding(capsys, monkeypatch):
+    import nanochat.decode
+    torch.set_num_threads(1)
+    argv = ["--depth", "2", "--vocab-size", "512", "--sequence-len", "64", "--prompt-len", "16", "--gen-len", "12",
+            "--batch-size", "2", "--repeats", "1", "--no-recompute", "--device-type", "cpu"]
+    right = _teacher_forced_differences(capsys, argv)
+    assert len(right) == 2 and max(right) < 1e-5  # batch 1 and 2, fp32 on CPU: rounding only
+    # a planted off-by-one rotary position in the static cache: the teacher-forced difference is of order 0.1
+    monkeypatch.setattr(nanochat.decode.StaticKVCache, "rotary",
+                        lambda self, cos, sin, T: (cos.index_select(1, self.pos + 1), sin.index_select(1, self.pos + 1)))
+    wrong = _teacher_forced_differences(capsys, argv)
+    assert len(wrong) == 2 and min(wrong) > 1e-2
