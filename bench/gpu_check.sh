@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's GPU check: one GPU, no network, about 7 minutes on an H100 (stages are time-limited). Prints, for d20
+# The project's GPU check: one GPU, no network, about 8-9 minutes on an H100 (stages are time-limited). Prints, for d20
 # (vocab 65,536, sequence 2048) trained a few steps with --sync ddp (micro-batch auto), --sync diloco and --sync
 # diloco --outer-device cpu (at the micro-batch auto chose), the peak memory allocated and the MFU; the decode
 # figures of bench_inference (prompt 512 + 512 generated, batch 1 and 8, CUDA graph vs eager, KV cache vs
