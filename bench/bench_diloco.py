@@ -13,7 +13,9 @@ overhead of the sync wrapper against plain local training.
 --sweep trains DDP and every point of the grid --sweep-lrs x --sweep-momenta x --sweep-hs x --sweep-workers
 (48 runs by default), then the --recipes (drift-aware variants and compressed exchanges), and ranks them by
 val bpb with their bytes across workers: which settings close DiLoCo's gap to DDP at which communication.
-A finished run with the same flags is never run twice (an interrupted sweep continues where it stopped).
+A finished run with the same flags is never run twice (an interrupted sweep continues where it stopped);
+--sweep --sweep-finished writes the table of the runs finished so far and runs nothing (a sweep spread over
+several sessions).
 
 Every arm is one `torchrun -m scripts.base_train` run with the same seed, data order and number of steps;
 the only eval is the final one (`--eval-every 0`). Each fragment syncs every H steps (staggered by H/F), plus
@@ -79,6 +81,8 @@ parser.add_argument("--sweep-lrs", default="0.4,0.7,1.0", help="outer learning r
 parser.add_argument("--sweep-momenta", default="0.8,0.9", help="outer Nesterov momenta of the sweep")
 parser.add_argument("--sweep-hs", default="10,25,50,100", help="H of the sweep")
 parser.add_argument("--sweep-workers", default="2,4", help="DiLoCo workers of the sweep (one process each)")
+parser.add_argument("--sweep-finished", action="store_true",
+                    help="with --sweep: rank the runs finished so far and name the others; train nothing")
 parser.add_argument("--recipes", default="final_average,lr_warmup,h10_int4,h10_int4_average",
                     help=f"recipes (diloco/recipes.py) run after the grid at H 50, 2 workers, from: {', '.join(RECIPES)} "
                          "('' = none)")
@@ -113,31 +117,42 @@ def diloco_flags(h, compression, fragments=1, overlap=0):
             "--diloco-fragments", str(fragments), "--diloco-overlap", str(overlap)]
 
 
+def finished_run(name, sync, steps=None, nproc=None):
+    """(final checkpoint meta, metrics) of a finished run of this arm with the same flags, or None."""
+    steps, nproc = steps or N, nproc or W
+    ckpt = checkpoint_dir("base", f"bench_{name}")
+    meta_path = os.path.join(ckpt, f"step_{steps:06d}", "meta.json")  # written last, atomically: complete if present
+    if not os.path.exists(meta_path):
+        return None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    flags = dict(zip(sync[::2], sync[1::2]))
+    want = {"num_iterations": steps, "seed": args.seed, "sync": flags["--sync"],
+            **{k.removeprefix("--").replace("-", "_"): v for k, v in flags.items() if k != "--sync"}}
+    if meta["world_size"] != nproc or any(str(meta["user_config"].get(k)) != str(v) for k, v in want.items()):
+        return None
+    with open(os.path.join(ckpt, "metrics.jsonl")) as f:
+        return meta, [json.loads(line) for line in f]
+
+
 def run_arm(name, sync, steps=None, nproc=None, reuse=None):
     """One training run under torchrun on nproc processes (default --nproc); returns its final checkpoint meta,
     metrics, wall time and exit code. reuse (default --reuse): take a finished run with the same flags."""
     steps, nproc = steps or N, nproc or W
     reuse = args.reuse if reuse is None else reuse
-    tag = f"bench_{name}"
-    ckpt = checkpoint_dir("base", tag)
+    ckpt = checkpoint_dir("base", f"bench_{name}")
     meta_path = os.path.join(ckpt, f"step_{steps:06d}", "meta.json")  # written last, atomically: complete if present
-    if reuse and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        flags = dict(zip(sync[::2], sync[1::2]))
-        want = {"num_iterations": steps, "seed": args.seed, "sync": flags["--sync"],
-                **{k.removeprefix("--").replace("-", "_"): v for k, v in flags.items() if k != "--sync"}}
-        if meta["world_size"] == nproc and all(str(meta["user_config"].get(k)) == str(v) for k, v in want.items()):
-            print(f"  reusing the finished run in {ckpt}", flush=True)
-            with open(os.path.join(ckpt, "metrics.jsonl")) as f:
-                return meta, [json.loads(line) for line in f], float("nan"), 0
+    finished = finished_run(name, sync, steps, nproc) if reuse else None
+    if finished:
+        print(f"  reusing the finished run in {ckpt}", flush=True)
+        return (*finished, float("nan"), 0)
     shutil.rmtree(ckpt, ignore_errors=True)  # never read a previous run's figures
     device = ["--device-type", args.device_type] if args.device_type else []
     # the tiny preset's 16 rows per micro-step are more than one of 4+ ranks takes per step: use what it takes
     rows = ["--device-batch-size", str(max(1, 32 // nproc))] if nproc > 2 and "--device-batch-size" not in train_args else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "scripts.base_train", "--preset", "tiny", "--num-iterations", str(steps), "--seed", str(args.seed),
-           "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--model-tag", tag,
+           "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--model-tag", f"bench_{name}",
            *sync, *rows, *device, *train_args]
     log_path = os.path.join(out_dir, "logs", f"{name}.log")
     env = dict(os.environ)
@@ -283,14 +298,24 @@ def run_sweep():
                     specs.append((f"sweep_h{h}_lr{lr}_m{mom}_w{w}", flags, w, dict(h=h, lr=lr, momentum=mom, workers=w)))
     specs += [(f"recipe_{r}", ["--sync", "diloco", "--diloco-h", "50", *RECIPES[r]], W, dict(recipe=" ".join(RECIPES[r])))
               for r in recipes]
-    rows = []
+    rows, missing = [], []
     for i, (name, flags, w, knobs) in enumerate(specs):
-        print(f"[{i + 1}/{len(specs)}] {name}: {N} steps on {w} processes ...", flush=True)
-        meta, _, wall, _ = run_arm(name, flags, nproc=w, reuse=True)
+        if args.sweep_finished:
+            found = finished_run(name, flags, nproc=w)
+            if found is None:
+                missing.append(name)
+                continue
+            meta, wall = found[0], float("nan")
+        else:
+            print(f"[{i + 1}/{len(specs)}] {name}: {N} steps on {w} processes ...", flush=True)
+            meta, _, wall, _ = run_arm(name, flags, nproc=w, reuse=True)
         across = meta["outer_bytes"] if meta["sync"] == "diloco" else meta["inner_bytes"]
         rows.append({"arm": name, **knobs, "val_bpb": meta["val_bpb"], "bytes_across_workers": across,
                      "train_seconds": meta["train_seconds"], "wall_seconds": wall})
         print(f"  val bpb {meta['val_bpb']:.4f} | {across:,} B across workers", flush=True)
+    if missing and specs[0][0] in missing:
+        raise SystemExit(f"error: no finished DDP run of {N} steps (seed {args.seed}) to compare with: run the sweep "
+                         f"without --sweep-finished first")
     ddp = rows[0]
     default = next((r for r in rows if r["arm"] == "sweep_h50_lr0.7_m0.9_w2"), None)
     for r in rows:
@@ -298,7 +323,8 @@ def run_sweep():
         r["ddp_bytes_over_arm"] = ddp["bytes_across_workers"] / r["bytes_across_workers"]
         r["gap_vs_default"] = r["gap_vs_ddp"] / default["gap_vs_ddp"] if default and default["gap_vs_ddp"] > 0 else None
     lines = [f"DiLoCo sweep: {N} steps x the preset's tokens per step, seed {args.seed}, device {device_type}; DDP on {W} "
-             f"processes; ranked by val bpb", "",
+             f"processes; ranked by val bpb" + (f"; {len(rows)} of {len(specs)} runs finished, not yet run: "
+                                                 f"{', '.join(missing)}" if missing else ""), "",
              "| arm | val bpb | gap vs DDP | gap / default's | DDP bytes / arm | bytes across workers | train s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: r["val_bpb"]):

@@ -81,3 +81,19 @@ def test_bench_reports_exact_bytes_and_ratio(base_dir, tmp_path):
     assert rows["recipe_final_average"]["bytes_across_workers"] == 1 * 2 * 4 * P
     assert rows["recipe_final_average"]["ddp_bytes_over_arm"] == 4.0
     assert "| recipe_final_average |" in (out / "sweep.md").read_text()
+
+    # --sweep-finished: the table of what has finished so far, training nothing; the rest is named
+    sweep = [sys.executable, "-m", "bench.bench_diloco", "--num-iterations", "4", "--sweep", "--sweep-hs", "2,3",
+             "--sweep-lrs", "1.0", "--sweep-momenta", "0.0", "--sweep-workers", "2", "--recipes", "final_average",
+             "--sweep-finished", "--out", str(out), *TINY_MODEL]
+    proc = subprocess.run(sweep, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "steps on" not in proc.stdout and not os.path.exists(out / "logs" / "sweep_h3_lr1.0_m0.0_w2.log")
+    partial = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [(r["arm"], r["val_bpb"]) for r in partial] == [(a, rows[a]["val_bpb"]) for a in rows]
+    assert "3 of 4 runs finished, not yet run: sweep_h3_lr1.0_m0.0_w2" in (out / "sweep.md").read_text()
+    # without a finished DDP run (another seed) there is nothing to compare with: a clear error
+    proc = subprocess.run(sweep + ["--seed", "7"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no finished DDP run" in proc.stderr
