@@ -210,17 +210,19 @@ def prepare_data_and_tokenizer(scale_name, dry_run=False):
               f"for {scale['vocab']:,}: using it (set NANOCHAT_BASE_DIR to another folder for a tokenizer of the scale's own)")
 
 
-def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=(), seeds=1, recipe="paper", dry_run=False):
+def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=(), seeds=1, recipe="paper", dry_run=False,
+                   runner=None):
     """Every stage of every arm, for seeds seed, seed+1, ... (seed i > 0 also draws its own data order and its
     checkpoints carry the suffix -s<i>). recipe (diloco/recipes.py): flags of every DiLoCo stage; the checkpoints
     of arms with a DiLoCo stage carry its name unless it is "paper", so arm (a) is shared between recipes.
-    dry_run: print the stages that would run (runner.redone) and run nothing.
+    dry_run: print the stages that would run (runner.redone) and run nothing. runner: another recipe's, so that
+    the stages both share (arm (a)) run once per invocation, also with force.
     Returns ({arm: [one result per seed]}, runner); the results are empty with dry_run."""
     diloco_flags = [*recipe_flags(recipe), *diloco_flags]
     scale = SCALES[scale_name]
     nproc = scale["nproc"] or max(1, torch.cuda.device_count())
     base_dir = get_base_dir()
-    runner = Runner(os.path.join(base_dir, "runs"), force=force, dry_run=dry_run)
+    runner = runner or Runner(os.path.join(base_dir, "runs"), force=force, dry_run=dry_run)
     env = {"OMP_NUM_THREADS": "1"} if not torch.cuda.is_available() else {}
 
     prepare_data_and_tokenizer(scale_name, dry_run)
@@ -647,16 +649,14 @@ def main(argv=None):
         parser.error("--baseline-recipe compares DiLoCo arms' gaps to arm (a): --arms needs ddp and a DiLoCo arm")
     if args.baseline_recipe == args.diloco_recipe:
         parser.error(f"--baseline-recipe {args.baseline_recipe} is the --diloco-recipe itself: name another recipe")
-    run = lambda recipe, arm_list: run_experiment(arm_list, scale, force=args.force, seed=args.seed,
-                                                  diloco_flags=shlex.split(args.diloco_flags), seeds=args.seeds,
-                                                  recipe=recipe, dry_run=args.dry_run)
-    results, runner = run(args.diloco_recipe, arms)
+    run = lambda recipe, runner=None: run_experiment(arms, scale, force=args.force, seed=args.seed,
+                                                     diloco_flags=shlex.split(args.diloco_flags), seeds=args.seeds,
+                                                     recipe=recipe, dry_run=args.dry_run, runner=runner)
+    results, runner = run(args.diloco_recipe)
     baseline = None
-    if args.baseline_recipe:  # arm (a) is shared between recipes: only the DiLoCo arms can run again
+    if args.baseline_recipe:  # arm (a) is shared between recipes: one runner, so it runs once (--force too)
         print(f"baseline: the DiLoCo arms with recipe {args.baseline_recipe} ...", flush=True)
-        base_results, base_runner = run(args.baseline_recipe, arms)
-        baseline = (args.baseline_recipe, base_results)
-        runner.redone |= base_runner.redone
+        baseline = (args.baseline_recipe, run(args.baseline_recipe, runner)[0])
     if args.dry_run:
         print(f"dry run: {len(runner.redone)} stage(s) would run: {sorted(runner.redone) or 'none'}")
         return

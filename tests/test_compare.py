@@ -109,6 +109,12 @@ def test_experiment_micro(base_dir):
     out = compare("--arms", "ddp,diloco", "--diloco-recipe", "final_average", "--baseline-recipe", "paper", "--dry-run")
     assert set(planned(out)) == {f"{stage}-diloco_final_average" for stage in (
         "base_train", "base_eval", "chat_eval_base", "mid_train", "chat_eval_mid", "chat_sft", "chat_eval")}
+    # with --force every stage of both recipes once: arm (a), shared between them, is not redone for the baseline
+    out = compare("--arms", "ddp,diloco", "--diloco-recipe", "final_average", "--baseline-recipe", "paper", "--force",
+                  "--dry-run")
+    would = re.findall(r"^\[(\S+)\] would run", out, re.M)
+    assert len(would) == len(set(would)) == 21 and "dry run: 21 stage(s) would run" in out
+    assert {"base_train-ddp", "base_train-diloco", "base_train-diloco_final_average"} <= set(would)
 
     # the statistics over seeds, on seed 0's real results read back (nothing runs) and a copy of them as seed 1
     # with a known shift: means, standard deviations, and the drift between two identical models (zero, CKA 1)
