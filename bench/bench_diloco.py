@@ -321,6 +321,7 @@ def run_sweep():
     for r in rows:
         r["gap_vs_ddp"] = r["val_bpb"] - ddp["val_bpb"]
         r["ddp_bytes_over_arm"] = ddp["bytes_across_workers"] / r["bytes_across_workers"]
+    for r in rows:  # after every gap is known: the default's row may come after others
         r["gap_vs_default"] = r["gap_vs_ddp"] / default["gap_vs_ddp"] if default and default["gap_vs_ddp"] > 0 else None
     lines = [f"DiLoCo sweep: {N} steps x the preset's tokens per step, seed {args.seed}, device {device_type}; DDP on {W} "
              f"processes; ranked by val bpb" + (f"; {len(rows)} of {len(specs)} runs finished, not yet run: "
