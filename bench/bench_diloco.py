@@ -117,22 +117,31 @@ def diloco_flags(h, compression, fragments=1, overlap=0):
             "--diloco-fragments", str(fragments), "--diloco-overlap", str(overlap)]
 
 
-def finished_run(name, sync, steps=None, nproc=None):
-    """(final checkpoint meta, metrics) of a finished run of this arm with the same flags, or None."""
-    steps, nproc = steps or N, nproc or W
+def saved_run(name, steps):
+    """(meta, metrics) of this arm's run if its final step was saved, else None."""
     ckpt = checkpoint_dir("base", f"bench_{name}")
     meta_path = os.path.join(ckpt, f"step_{steps:06d}", "meta.json")  # written last, atomically: complete if present
     if not os.path.exists(meta_path):
         return None
     with open(meta_path) as f:
         meta = json.load(f)
+    with open(os.path.join(ckpt, "metrics.jsonl")) as f:
+        return meta, [json.loads(line) for line in f]
+
+
+def finished_run(name, sync, steps=None, nproc=None):
+    """(final checkpoint meta, metrics) of a finished run of this arm with the same flags, or None."""
+    steps, nproc = steps or N, nproc or W
+    saved = saved_run(name, steps)
+    if saved is None:
+        return None
+    meta = saved[0]
     flags = dict(zip(sync[::2], sync[1::2]))
     want = {"num_iterations": steps, "seed": args.seed, "sync": flags["--sync"],
             **{k.removeprefix("--").replace("-", "_"): v for k, v in flags.items() if k != "--sync"}}
     if meta["world_size"] != nproc or any(str(meta["user_config"].get(k)) != str(v) for k, v in want.items()):
         return None
-    with open(os.path.join(ckpt, "metrics.jsonl")) as f:
-        return meta, [json.loads(line) for line in f]
+    return saved
 
 
 def run_arm(name, sync, steps=None, nproc=None, reuse=None):
@@ -141,7 +150,6 @@ def run_arm(name, sync, steps=None, nproc=None, reuse=None):
     steps, nproc = steps or N, nproc or W
     reuse = args.reuse if reuse is None else reuse
     ckpt = checkpoint_dir("base", f"bench_{name}")
-    meta_path = os.path.join(ckpt, f"step_{steps:06d}", "meta.json")  # written last, atomically: complete if present
     finished = finished_run(name, sync, steps, nproc) if reuse else None
     if finished:
         print(f"  reusing the finished run in {ckpt}", flush=True)
@@ -161,17 +169,14 @@ def run_arm(name, sync, steps=None, nproc=None, reuse=None):
     with open(log_path, "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
-    if rc != 0 and not os.path.exists(meta_path):
+    saved = saved_run(name, steps)
+    if saved is None:
         with open(log_path) as f:
             sys.stderr.write(f.read()[-3000:])
         raise SystemExit(f"error: arm {name} failed (exit {rc}): see {log_path}")
     if rc != 0:  # the run finished and saved; something failed at teardown: keep the figures, say so
         print(f"  warning: {name} exited with code {rc} after saving its final checkpoint: see {log_path}")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    with open(os.path.join(ckpt, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f]
-    return meta, metrics, wall, rc
+    return (*saved, wall, rc)
 
 
 def model_params(meta):
