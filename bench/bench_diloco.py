@@ -139,9 +139,17 @@ def finished_run(name, sync, steps=None, nproc=None):
     flags = dict(zip(sync[::2], sync[1::2]))
     want = {"num_iterations": steps, "seed": args.seed, "sync": flags["--sync"],
             **{k.removeprefix("--").replace("-", "_"): v for k, v in flags.items() if k != "--sync"}}
-    if meta["world_size"] != nproc or any(str(meta["user_config"].get(k)) != str(v) for k, v in want.items()):
+    if meta["world_size"] != nproc or any(not same_flag(meta["user_config"].get(k), v) for k, v in want.items()):
         return None
     return saved
+
+
+def same_flag(saved, given):
+    """A saved config value against the flag's text: numbers by value (a saved 0.0 is the flag `0`)."""
+    try:
+        return float(saved) == float(given)
+    except (TypeError, ValueError):
+        return str(saved) == str(given)
 
 
 def run_arm(name, sync, steps=None, nproc=None, reuse=None):

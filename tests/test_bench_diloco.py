@@ -71,12 +71,13 @@ def test_bench_reports_exact_bytes_and_ratio(base_dir, tmp_path):
     # gradient all-reduces, the default and the recipe at H=50 only the final sync
     proc = subprocess.run([sys.executable, "-m", "bench.bench_diloco", "--num-iterations", "4", "--sweep", "--sweep-hs", "2,50",
                            "--sweep-lrs", "0.7", "--sweep-momenta", "0.9", "--sweep-workers", "2",
-                           "--recipes", "final_average", "--out", str(out), *TINY_MODEL], cwd=ROOT,
+                           "--recipes", "final_average,h10_int4_average", "--out", str(out), *TINY_MODEL], cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("reusing the finished run") == 1  # the DDP arm above
     rows = {r["arm"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
-    assert list(rows) == ["ddp", "sweep_h2_lr0.7_m0.9_w2", "sweep_h50_lr0.7_m0.9_w2", "recipe_final_average"]
+    assert list(rows) == ["ddp", "sweep_h2_lr0.7_m0.9_w2", "sweep_h50_lr0.7_m0.9_w2", "recipe_final_average",
+                          "recipe_h10_int4_average"]
     assert rows["ddp"]["val_bpb"] == ddp["val_bpb"]
     assert rows["sweep_h2_lr0.7_m0.9_w2"]["bytes_across_workers"] == 2 * 2 * 4 * P
     assert rows["sweep_h50_lr0.7_m0.9_w2"]["bytes_across_workers"] == 1 * 2 * 4 * P
@@ -87,17 +88,18 @@ def test_bench_reports_exact_bytes_and_ratio(base_dir, tmp_path):
     assert rows["recipe_final_average"]["ddp_bytes_over_arm"] == 4.0
     assert "| recipe_final_average |" in (out / "sweep.md").read_text()
 
-    # --sweep-finished: the table of what has finished so far, training nothing; the rest is named
+    # --sweep-finished: the table of what has finished so far, training nothing; the rest is named. A run is found
+    # by its flags' values: h10_int4_average's `--outer-momentum 0` was saved as 0.0 and is the same run
     sweep = [sys.executable, "-m", "bench.bench_diloco", "--num-iterations", "4", "--sweep", "--sweep-hs", "2,50,3",
-             "--sweep-lrs", "0.7", "--sweep-momenta", "0.9", "--sweep-workers", "2", "--recipes", "final_average",
-             "--sweep-finished", "--out", str(out), *TINY_MODEL]
+             "--sweep-lrs", "0.7", "--sweep-momenta", "0.9", "--sweep-workers", "2",
+             "--recipes", "final_average,h10_int4_average", "--sweep-finished", "--out", str(out), *TINY_MODEL]
     proc = subprocess.run(sweep, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "steps on" not in proc.stdout and not os.path.exists(out / "logs" / "sweep_h3_lr0.7_m0.9_w2.log")
     partial = json.loads((out / "sweep.json").read_text())["rows"]
     assert [(r["arm"], r["val_bpb"]) for r in partial] == [(a, rows[a]["val_bpb"]) for a in rows]
-    assert "4 of 5 runs finished, not yet run: sweep_h3_lr0.7_m0.9_w2" in (out / "sweep.md").read_text()
+    assert "5 of 6 runs finished, not yet run: sweep_h3_lr0.7_m0.9_w2" in (out / "sweep.md").read_text()
     # without a finished DDP run (another seed) there is nothing to compare with: a clear error
     proc = subprocess.run(sweep + ["--seed", "7"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=120)
