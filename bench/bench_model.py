@@ -9,15 +9,15 @@ model and optimizer trained on the very same batches, for a side-by-side.
     python -m bench.bench_model --variants base,ve,all --seeds 1  # a subset
 
 Every run trains from scratch in its own process (one thread; --jobs of them at once) on fixed batches cut
-from the offline pretraining shards: steps x 8,192 tokens of sequence 256, a different slice of the train
-split per seed (seed s also seeds the init), the same val batches for all. Val bpb is computed here, one
-formula for every arm. Tokens/s is measured apart, after the bpb runs, with the machine's threads, for base,
+from the offline pretraining shards by base_train's own loader (row packing): steps x 8,192 tokens of
+sequence 256, a different slice of the train split per seed (seed s also seeds the init), the same val batches
+for all. Val bpb is computed here, one formula for every arm. Tokens/s is measured apart, after the bpb runs, with the machine's threads, for base,
 nanochat and the candidates that lowered bpb: each measurement a process of its own, the variants alternating,
 the median of a few rounds. Peak RSS is a bpb run's own high-water mark.
 
 A change is kept when it lowers the mean val bpb by more than two standard errors of the difference (seed
 noise) and costs at most 3 % tokens/s. Results are cached per run (--fresh to redo) in
-~/.cache/nanochat/bench/model/<shape>/ with a markdown table written next to them.
+~/.cache/nanochat/bench/model/<shape>_rows/ with a markdown table written next to them.
 
 nanochat's arm (its gpt.py and optim.py imported from the checkout, never copied): GPTConfig of the same
 shape (its default window pattern), setup_optimizer with our tiny preset's learning rates, its schedules as
@@ -196,7 +196,7 @@ def build_nanochat(job, shape, vocab, steps):
 
 def prepare_batches(path, steps, seeds):
     """Train rows for every seed's slice and the val rows, tokenized once with our tokenizer."""
-    from nanochat.dataloader import tokenizing_distributed_data_loader
+    from nanochat.dataloader import ROW_POOLS, tokenizing_distributed_data_loader
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
     try:
         tokenizer, token_bytes = get_tokenizer(), get_token_bytes()
@@ -207,7 +207,8 @@ def prepare_batches(path, steps, seeds):
 
     def rows(split, n):
         out = []
-        for x, y, *_ in tokenizing_distributed_data_loader(per_step, SEQ, split, tokenizer, rank=0, world_size=1):
+        packing = dict(packing="rows", pools=ROW_POOLS) if split == "train" else {}  # train as base_train does
+        for x, y, *_ in tokenizing_distributed_data_loader(per_step, SEQ, split, tokenizer, rank=0, world_size=1, **packing):
             out.append(torch.cat([x, y[:, -1:]], dim=1).to(torch.int32))  # SEQ + 1 tokens per row
             if len(out) == n:
                 return torch.cat(out) if split == "train" else torch.stack(out)
@@ -312,7 +313,7 @@ def main():
         variants += [] if "nanochat" in variants else ["nanochat"]
     if args.steps < 3 or args.seeds < 1:
         raise SystemExit("error: --steps must be at least 3 and --seeds at least 1")
-    out_dir = os.path.join(get_base_dir(), "bench", "model", args.shape)
+    out_dir = os.path.join(get_base_dir(), "bench", "model", f"{args.shape}_rows")  # results of streamed batches stay apart
     os.makedirs(out_dir, exist_ok=True)
     batches = os.path.join(out_dir, f"batches_{args.steps}x{args.seeds}.pt")
     if args.fresh or not os.path.exists(batches):

@@ -19,7 +19,7 @@ from nanochat import comm
 from nanochat.checkpoint import checkpoint_dir, restore_training, save_training
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init,
                              device_synchronize, exit_now, init_wandb, peak_flops, print0)
-from nanochat.dataloader import fresh_loader_state, global_loader_state, tokenizing_distributed_data_loader
+from nanochat.dataloader import PACKINGS, ROW_POOLS, fresh_loader_state, global_loader_state, tokenizing_distributed_data_loader
 from nanochat.gpt import config_from_depth, gpt_on_meta
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import (batch_size_arg, candidate_batch_sizes, explain_out_of_memory, find_device_batch_size,
@@ -46,6 +46,11 @@ parser.add_argument("--model-tag", default="", help="checkpoint folder name (def
 parser.add_argument("--seed", type=int, default=1337, help="initialisation (and sampling) seed")
 parser.add_argument("--data-seed", type=int, default=0,
                     help="order of the training data: 0 = the dataset's own, N > 0 = a permutation drawn from N")
+parser.add_argument("--packing", choices=PACKINGS, default="rows",
+                    help="rows: each step's rows drawn from a whole row group of documents (learns more per token); "
+                         "stream: consecutive tokens (this project's packing before 2026-12-07)")
+parser.add_argument("--packing-pools", type=int, default=ROW_POOLS,
+                    help="--packing rows: row groups each rank draws a step's rows from at once")
 # model
 parser.add_argument("--depth", type=int, default=None)
 parser.add_argument("--aspect-ratio", type=int, default=None, help="model width = depth * aspect ratio")
@@ -163,6 +168,9 @@ val_bpb = min_val_bpb = float("nan")
 if args.resume:
     start_step, meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank, layout)
     loader_state, train_seconds = extra["loader"], meta["train_seconds"]
+    saved_packing = meta["user_config"].get("packing", "stream")  # checkpoints before --packing streamed
+    if saved_packing != args.packing:  # a data position counts rows or tokens: it means nothing in the other packing
+        raise SystemExit(f"error: {ckpt_dir} was trained with --packing {saved_packing}: resume with --packing {saved_packing}")
     val_bpb, min_val_bpb = meta["val_bpb"], meta["min_val_bpb"]
 elif args.elastic != "off":  # a joining worker continues at the step its peers are at (healed from one)
     start_step = sync.inner_step
@@ -173,7 +181,8 @@ if args.elastic != "off" and not args.resume:
     loader_state = fresh_loader_state(data_rank, data_world)
 train_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "train", tokenizer,
                                                   device, rank=data_rank, world_size=data_world, resume_state=loader_state,
-                                                  data_seed=args.data_seed)
+                                                  data_seed=args.data_seed, packing=args.packing,
+                                                  pools=args.packing_pools)
 x, y, state_after_x = next(train_loader)  # prefetch; loader_state = position before x
 
 
