@@ -19,8 +19,8 @@ several sessions).
 
 Every arm is one `torchrun -m scripts.base_train` run with the same seed, data order and number of steps;
 the only eval is the final one (`--eval-every 0`). Each fragment syncs every H steps (staggered by H/F), plus
-once more at the end of training if it took steps since its last exchange. Bytes across workers are what each
-rank sends on the wire (nanochat/comm.py's ring model), summed over ranks: for DDP the fp32 gradient
+once more at the end of training if it took steps since its last exchange landed. Bytes across workers are
+what each rank sends on the wire (nanochat/comm.py's ring model), summed over ranks: for DDP the fp32 gradient
 all-reduce (2 (W-1)/W x 4P per step per rank), for DiLoCo (one worker per rank) the outer exchange of the
 pseudo-gradient through its codec (diloco/codecs.py: codec.wire_bytes(W) per sync per rank).
 
@@ -201,12 +201,12 @@ def fragment_codecs(compression, fragments, params):
 
 def exchanges(h, fragments, overlap, f):
     """How many exchanges fragment f makes in N steps: one per launch (at n = phase - overlap mod H), plus the
-    final sync at the end of training when steps were taken since its last launch and none is in flight."""
+    final sync at the end of training when steps were taken since its last exchange landed (overlap steps after
+    its launch) and none is in flight."""
     phase = round((f + 1) * h / fragments) % h
     launches = [n for n in range(1, N + 1) if n % h == (phase - overlap) % h]
-    last = launches[-1] if launches else 0
-    in_flight = bool(launches) and last + overlap > N
-    return len(launches) + (0 if in_flight or last == N else 1)
+    landed = launches[-1] + overlap if launches else 0
+    return len(launches) + (0 if landed >= N else 1)
 
 
 def expected_bytes(h, compression, params, fragments=1, overlap=0):
