@@ -552,7 +552,8 @@ class DiLoCoSync:
 
 def make_sync(args, model, optimizers, groups, outer_optimizer=None):
     """DDPSync or DiLoCoSync from the flags. outer_optimizer: params -> Optimizer (default: SGD from the
-    --outer-* flags; momentum 0 when the codec keeps the momentum itself, as dct does)."""
+    --outer-* flags; momentum 0 when the codec keeps the momentum itself, as dct and sparseloco do: their
+    workers' decayed error feedback is the momentum, and the outer step is theta -= lr * mean)."""
     if args.comm_delay_ms:
         comm.set_comm_delay("inner" if args.sync == "ddp" else "outer", args.comm_delay_ms / 1000)
     if args.sync == "ddp":
@@ -570,7 +571,7 @@ def make_sync(args, model, optimizers, groups, outer_optimizer=None):
             raise ValueError("--elastic torchft sends fp32 pseudo-gradients: use --outer-compression none")
         membership_factory = lambda state_fn, load_fn: _torchft_membership(args, state_fn, load_fn, model)
     return DiLoCoSync(model, optimizers, groups, h=args.diloco_h, outer_optimizer=outer_optimizer,
-                      codec_factory=lambda sizes, device: make_codec(args, sizes, device, momentum=args.outer_momentum),
+                      codec_factory=lambda sizes, device: make_codec(args, sizes, device),
                       outer_device=args.outer_device, fragments=args.diloco_fragments, overlap=args.diloco_overlap,
                       alpha=args.fragment_alpha, membership_factory=membership_factory,
                       lr_warmup=args.outer_lr_warmup, final_average=bool(args.outer_final_average))
