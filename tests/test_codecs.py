@@ -361,3 +361,16 @@ def test_topk_indices_of_one_to_four_bytes_reach_their_entries():
     assert sent == sorted(set(planted) - {500 + 65_536})  # one per small tensor: its largest, not the 3.0
     assert all(mean[pos].item() == planted[pos] for pos in sent)
     assert codec.state_dict()["error"].nonzero().view(-1).tolist() == [500 + 65_536]  # kept: what was not sent
+
+
+def test_the_sparseloco_recipe_sends_64_of_each_4096_entries_in_2_bits_and_outer_sgd_lr_1():
+    from diloco import add_sync_args
+    from diloco.recipes import recipe_flags
+    args = add_sync_args(argparse.ArgumentParser()).parse_args(["--diloco-h", "50", *recipe_flags("sparseloco")])
+    assert (args.diloco_h, args.outer_lr, args.outer_ef_decay) == (15, 1.0, 0.95)
+    assert CODECS[args.outer_compression].owns_momentum  # make_sync then gives the outer SGD no momentum
+    codec = make_codec(args, [3 * 4096, 100], "cpu")
+    # 3 chunks x 64 values: 4 levels (16 B) + 192 2-bit codes (48 B) + 192 12-bit indices (288 B); a tensor of 100
+    # is one chunk of 2 values (ceil(100 / 64)): 16 + 1 + 2 B (7-bit indices)
+    assert codec.wire_bytes(2) == 352 + 19 == expected_wire_bytes("sparseloco", [3 * 4096, 100], 2)
+    assert 146 < 4 * 3 * 4096 / (352 - 16) < 147  # an fp32 copy over what travels for it, levels aside: 32 / (14 / 64)
