@@ -409,6 +409,8 @@ def plot_front(rows, path):
     ax.set(xscale="log", xlabel="bytes across workers / DDP's (log)", ylabel="val bpb gap to DDP (%)",
            title=f"DiLoCo sweep: {N} steps, seed {args.seed}")
     ax.axhline(0, color="black", lw=0.5)
+    ax.axvline(1e-3, color="gray", ls="--", lw=0.8, label="target: 1,000x fewer bytes, gap <= 1%")
+    ax.axhline(1, color="gray", ls="--", lw=0.8)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
