@@ -4,7 +4,7 @@ the same H), bytes communicated across workers (checked against the exact expect
 sync event, wall time, time blocked on the link, whether overlap hides a slow link, and the inner-step
 overhead of the sync wrapper against plain local training.
 
-    python -m bench.bench_diloco      # tiny preset: DDP; H in {50, 100} x codecs none/int8/int4/topk/dct and
+    python -m bench.bench_diloco      # tiny preset: DDP; H in {50, 100} x codecs none/int8/int4/topk/dct/sparseloco and
                                       # Streaming DiLoCo (F, tau) in {(1, 1), (4, 0), (4, 1)}; overlap check
     python -m bench.bench_diloco --num-iterations 100 --hs 10 --compressions bf16,int8 --streaming ""
     python -m bench.bench_diloco --preset d20 --nproc 8              # any unknown flag goes to scripts.base_train
@@ -64,7 +64,7 @@ parser = argparse.ArgumentParser(description="Benchmark DiLoCo against DDP: bpb 
                                         "(e.g. --preset d20 --device-batch-size 8).")
 parser.add_argument("--num-iterations", type=int, default=300, help="optimizer steps per arm (same tokens for all)")
 parser.add_argument("--hs", default="50,100", help="DiLoCo inner steps between syncs, comma-separated")
-parser.add_argument("--compressions", default="none,int8,int4,topk,dct",
+parser.add_argument("--compressions", default="none,int8,int4,topk,dct,sparseloco",
                     help=f"outer codecs ({','.join(CODECS)}), each run at every H")
 parser.add_argument("--streaming", default="1:1,4:0,4:1",
                     help="Streaming DiLoCo arms F:TAU (fragments:overlap), codec none, each run at every H ('' = none)")
