@@ -4,23 +4,28 @@ the same H), bytes communicated across workers (checked against the exact expect
 sync event, wall time, time blocked on the link, whether overlap hides a slow link, and the inner-step
 overhead of the sync wrapper against plain local training.
 
-    python -m bench.bench_diloco      # tiny preset: DDP; H in {50, 100} x codecs none/int8/int4/topk/dct and
+    python -m bench.bench_diloco      # tiny preset: DDP; H in {50, 100} x codecs none/int8/int4/topk/dct/sparseloco and
                                       # Streaming DiLoCo (F, tau) in {(1, 1), (4, 0), (4, 1)}; overlap check
     python -m bench.bench_diloco --num-iterations 100 --hs 10 --compressions bf16,int8 --streaming ""
     python -m bench.bench_diloco --preset d20 --nproc 8              # any unknown flag goes to scripts.base_train
-    python -m bench.bench_diloco --sweep --num-iterations 400         # outer lr x momentum x H x workers, and recipes
+    python -m bench.bench_diloco --sweep --num-iterations 400         # outer lr x momentum x H x workers, SparseLoCo's
+                                                                      # H x density x decay x outer lr, and recipes
 
 --sweep trains DDP and every point of the grid --sweep-lrs x --sweep-momenta x --sweep-hs x --sweep-workers
-(48 runs by default), then the --recipes (drift-aware variants and compressed exchanges), and ranks them by
-val bpb with their bytes across workers: which settings close DiLoCo's gap to DDP at which communication.
+(48 runs by default), then SparseLoCo's grid --sweep-sparse-hs x --sweep-sparse-densities x --sweep-sparse-decays
+x --sweep-sparse-lrs (codec sparseloco, 2 bits, chunks of 4096, --nproc workers: 36 runs by default), then the
+--recipes (drift-aware variants and compressed exchanges), and ranks them by val bpb with their bytes across
+workers: which settings close DiLoCo's gap to DDP at which communication. sweep.png plots every run's bytes
+across workers over DDP's (log x) against its val bpb gap to DDP, the Pareto front (no other run has fewer bytes
+and no larger gap) marked, as is the `front` column of the table.
 A finished run with the same flags is never run twice (an interrupted sweep continues where it stopped);
 --sweep --sweep-finished writes the table of the runs finished so far and runs nothing (a sweep spread over
 several sessions).
 
 Every arm is one `torchrun -m scripts.base_train` run with the same seed, data order and number of steps;
 the only eval is the final one (`--eval-every 0`). Each fragment syncs every H steps (staggered by H/F), plus
-once more at the end of training if it took steps since its last exchange. Bytes across workers are what each
-rank sends on the wire (nanochat/comm.py's ring model), summed over ranks: for DDP the fp32 gradient
+once more at the end of training if it took steps since its last exchange landed. Bytes across workers are
+what each rank sends on the wire (nanochat/comm.py's ring model), summed over ranks: for DDP the fp32 gradient
 all-reduce (2 (W-1)/W x 4P per step per rank), for DiLoCo (one worker per rank) the outer exchange of the
 pseudo-gradient through its codec (diloco/codecs.py: codec.wire_bytes(W) per sync per rank).
 
@@ -59,7 +64,7 @@ parser = argparse.ArgumentParser(description="Benchmark DiLoCo against DDP: bpb 
                                         "(e.g. --preset d20 --device-batch-size 8).")
 parser.add_argument("--num-iterations", type=int, default=300, help="optimizer steps per arm (same tokens for all)")
 parser.add_argument("--hs", default="50,100", help="DiLoCo inner steps between syncs, comma-separated")
-parser.add_argument("--compressions", default="none,int8,int4,topk,dct",
+parser.add_argument("--compressions", default="none,int8,int4,topk,dct,sparseloco",
                     help=f"outer codecs ({','.join(CODECS)}), each run at every H")
 parser.add_argument("--streaming", default="1:1,4:0,4:1",
                     help="Streaming DiLoCo arms F:TAU (fragments:overlap), codec none, each run at every H ('' = none)")
@@ -81,9 +86,14 @@ parser.add_argument("--sweep-lrs", default="0.4,0.7,1.0", help="outer learning r
 parser.add_argument("--sweep-momenta", default="0.8,0.9", help="outer Nesterov momenta of the sweep")
 parser.add_argument("--sweep-hs", default="10,25,50,100", help="H of the sweep")
 parser.add_argument("--sweep-workers", default="2,4", help="DiLoCo workers of the sweep (one process each)")
+parser.add_argument("--sweep-sparse-hs", default="10,25,50", help="H of the SparseLoCo grid ('' = no SparseLoCo grid)")
+parser.add_argument("--sweep-sparse-densities", default="0.01,0.02,0.03",
+                    help="SparseLoCo grid: fractions of each chunk of 4096 sent (--outer-sparseloco-density)")
+parser.add_argument("--sweep-sparse-decays", default="0.9,0.95", help="SparseLoCo grid: error-feedback decays")
+parser.add_argument("--sweep-sparse-lrs", default="0.7,1.0", help="SparseLoCo grid: outer learning rates")
 parser.add_argument("--sweep-finished", action="store_true",
                     help="with --sweep: rank the runs finished so far and name the others; train nothing")
-parser.add_argument("--recipes", default="final_average,lr_warmup,h10_int4,h10_int4_average",
+parser.add_argument("--recipes", default="final_average,lr_warmup,h10_int4,h10_int4_average,sparseloco",
                     help=f"recipes (diloco/recipes.py) run after the grid at H 50, 2 workers, from: {', '.join(RECIPES)} "
                          "('' = none)")
 args, train_args = parser.parse_known_args()
@@ -201,12 +211,12 @@ def fragment_codecs(compression, fragments, params):
 
 def exchanges(h, fragments, overlap, f):
     """How many exchanges fragment f makes in N steps: one per launch (at n = phase - overlap mod H), plus the
-    final sync at the end of training when steps were taken since its last launch and none is in flight."""
+    final sync at the end of training when steps were taken since its last exchange landed (overlap steps after
+    its launch) and none is in flight."""
     phase = round((f + 1) * h / fragments) % h
     launches = [n for n in range(1, N + 1) if n % h == (phase - overlap) % h]
-    last = launches[-1] if launches else 0
-    in_flight = bool(launches) and last + overlap > N
-    return len(launches) + (0 if in_flight or last == N else 1)
+    landed = launches[-1] + overlap if launches else 0
+    return len(launches) + (0 if landed >= N else 1)
 
 
 def expected_bytes(h, compression, params, fragments=1, overlap=0):
@@ -309,6 +319,14 @@ def run_sweep():
                 for w in ints(args.sweep_workers):
                     flags = ["--sync", "diloco", "--diloco-h", str(h), "--outer-lr", str(lr), "--outer-momentum", str(mom)]
                     specs.append((f"sweep_h{h}_lr{lr}_m{mom}_w{w}", flags, w, dict(h=h, lr=lr, momentum=mom, workers=w)))
+    for h in ints(args.sweep_sparse_hs):
+        for density in floats(args.sweep_sparse_densities):
+            for decay in floats(args.sweep_sparse_decays):
+                for lr in floats(args.sweep_sparse_lrs):
+                    flags = ["--sync", "diloco", "--diloco-h", str(h), "--outer-compression", "sparseloco",
+                             "--outer-sparseloco-density", str(density), "--outer-ef-decay", str(decay), "--outer-lr", str(lr)]
+                    specs.append((f"sparse_h{h}_d{density}_b{decay}_lr{lr}", flags, W,
+                                  dict(h=h, density=density, decay=decay, lr=lr, workers=W)))
     specs += [(f"recipe_{r}", ["--sync", "diloco", "--diloco-h", "50", *RECIPES[r]], W, dict(recipe=" ".join(RECIPES[r])))
               for r in recipes]
     rows, missing = [], []
@@ -333,26 +351,72 @@ def run_sweep():
     default = next((r for r in rows if r["arm"] == "sweep_h50_lr0.7_m0.9_w2"), None)
     for r in rows:
         r["gap_vs_ddp"] = r["val_bpb"] - ddp["val_bpb"]
+        r["gap_vs_ddp_pct"] = 100 * r["gap_vs_ddp"] / ddp["val_bpb"]
         r["ddp_bytes_over_arm"] = ddp["bytes_across_workers"] / r["bytes_across_workers"]
+        r["bytes_over_ddp"] = r["bytes_across_workers"] / ddp["bytes_across_workers"]
+    for r in rows:  # the Pareto front of (bytes, gap): no other run sends no more and ends no worse, one strictly
+        r["front"] = not any(o["bytes_across_workers"] <= r["bytes_across_workers"] and o["val_bpb"] <= r["val_bpb"] and
+                             (o["bytes_across_workers"], o["val_bpb"]) != (r["bytes_across_workers"], r["val_bpb"])
+                             for o in rows)
     for r in rows:  # after every gap is known: the default's row may come after others
         r["gap_vs_default"] = r["gap_vs_ddp"] / default["gap_vs_ddp"] if default and default["gap_vs_ddp"] > 0 else None
     lines = [f"DiLoCo sweep: {N} steps x the preset's tokens per step, seed {args.seed}, device {device_type}; DDP on {W} "
              f"processes; ranked by val bpb" + (f"; {len(rows)} of {len(specs)} runs finished, not yet run: "
                                                  f"{', '.join(missing)}" if missing else ""), "",
-             "| arm | val bpb | gap vs DDP | gap / default's | DDP bytes / arm | bytes across workers | train s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| arm | val bpb | gap vs DDP | gap % | gap / default's | DDP bytes / arm | bytes across workers | front | train s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"]
     for r in sorted(rows, key=lambda r: r["val_bpb"]):
         rel = "-" if r["gap_vs_default"] is None else f"{r['gap_vs_default']:.2f}"
-        lines.append(f"| {r['arm']} | {r['val_bpb']:.4f} | {r['gap_vs_ddp']:+.4f} | {rel} | {r['ddp_bytes_over_arm']:,.1f} | "
-                     f"{r['bytes_across_workers']:,} | {r['train_seconds']:.0f} |")
+        lines.append(f"| {r['arm']} | {r['val_bpb']:.4f} | {r['gap_vs_ddp']:+.4f} | {r['gap_vs_ddp_pct']:+.2f}% | {rel} | "
+                     f"{r['ddp_bytes_over_arm']:,.1f} | {r['bytes_across_workers']:,} | {'*' if r['front'] else ''} | "
+                     f"{r['train_seconds']:.0f} |")
     lines += ["", "gap / default's: the arm's val bpb gap to DDP over that of default DiLoCo (H 50, outer lr 0.7, Nesterov 0.9, "
               "2 workers); below 0.5 halves it. DDP bytes / arm: how many times fewer bytes than DDP crossed between "
-              "workers. Recipes: " + "; ".join(f"{r}: {' '.join(RECIPES[r])}" for r in recipes) + "."]
+              "workers. front: on the Pareto front of bytes and val bpb (no other run sends no more bytes and ends no "
+              "worse). sparse_*: codec sparseloco at H, density d (of each chunk of 4096), error-feedback decay b, outer "
+              "lr. Recipes: " + "; ".join(f"{r}: {' '.join(RECIPES[r])}" for r in recipes) + "."]
     table = "\n".join(lines)
     print("\n" + table)
     write_atomic(os.path.join(out_dir, "sweep.md"), table + "\n")
     write_atomic(os.path.join(out_dir, "sweep.json"), json.dumps({"num_iterations": N, "seed": args.seed, "rows": rows}, indent=2))
-    print(f"\nwrote {os.path.join(out_dir, 'sweep.md')} and sweep.json")
+    plot_front(rows, os.path.join(out_dir, "sweep.png"))
+    print(f"\nwrote {os.path.join(out_dir, 'sweep.md')}, sweep.json and sweep.png")
+
+
+def plot_front(rows, path):
+    """Bytes across workers over DDP's (log x) against the val bpb gap to DDP (%), each family its colour, the
+    Pareto front joined and circled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = {"ddp": ("DDP", "black"), "sweep": ("DiLoCo grid (fp32)", "tab:blue"),
+                "sparse": ("SparseLoCo grid", "tab:green"), "recipe": ("recipes", "tab:red")}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for prefix, (label, color) in families.items():
+        mine = [r for r in rows if r["arm"].split("_")[0] == prefix]
+        if mine:
+            ax.scatter([r["bytes_over_ddp"] for r in mine], [r["gap_vs_ddp_pct"] for r in mine], s=18, color=color,
+                       label=label)
+    front = sorted((r for r in rows if r["front"]), key=lambda r: r["bytes_over_ddp"])
+    ax.plot([r["bytes_over_ddp"] for r in front], [r["gap_vs_ddp_pct"] for r in front], "-", color="gray", lw=1,
+            zorder=0)
+    ax.scatter([r["bytes_over_ddp"] for r in front], [r["gap_vs_ddp_pct"] for r in front], s=90, facecolors="none",
+               edgecolors="black", label="Pareto front")
+    for r in front:
+        ax.annotate(r["arm"], (r["bytes_over_ddp"], r["gap_vs_ddp_pct"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set(xscale="log", xlabel="bytes across workers / DDP's (log)", ylabel="val bpb gap to DDP (%)",
+           title=f"DiLoCo sweep: {N} steps, seed {args.seed}")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.axvline(1e-3, color="gray", ls="--", lw=0.8, label="target: 1,000x fewer bytes, gap <= 1%")
+    ax.axhline(1, color="gray", ls="--", lw=0.8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
 
 
 def write_atomic(path, text):

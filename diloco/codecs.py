@@ -18,21 +18,39 @@ round, so over rounds what is transmitted sums to the truth.
   topk   per piece, the k = ceil(f n_i) entries of largest |pseudo-gradient + error|: int8 values with one
             fp32 scale per piece, piece-local indices in the fewest whole bytes that hold n_i - 1. Sparse
             payloads with different supports cannot be summed in a ring, so they are all-gathered and
-            averaged in fp32 by every rank.
+            averaged in fp32 by every rank. Plain error feedback (undecayed): the outer optimizer, momentum
+            included, still runs on the decoded mean.
   dct    after "Distributed Low-Communication Training with Decoupled Momentum Optimization" (arXiv
-            2510.03371, read from its abstract) and DeMo: the outer Nesterov momentum is decomposed by a
-            DCT and only its fast-moving part is synchronised. As implemented here: each worker keeps its
-            own momentum m (in DCT coefficients), m = momentum * m + DCT(delta); per chunk of
-            --outer-dct-chunk elements of a piece (orthonormal DCT-II as a matmul, so it runs on GPU) the
-            ceil(f c) coefficients of largest magnitude are sent (int8, one fp32 scale per piece; uint8
-            index within the chunk) and subtracted from m, which keeps the rest. "High-frequency" is read
-            as DeMo's fast components: largest magnitude, not a fixed band. The result is the inverse DCT
-            of the mean sent coefficients (= the mean of the inverse DCTs, by linearity), all-gathered.
-            The codec owns the momentum: the outer SGD must then run with momentum 0. With fraction 1 and
-            no quantisation nothing is left in m after a round, so this is outer SGD without momentum on
-            the mean pseudo-gradient; the momentum lives only in what is not sent. A piece whose size is
-            not a multiple of the chunk is zero-padded: the part of a sent coefficient that falls on the
-            padding is dropped on decode.
+            2510.03371, read from its abstract) and DeMo: the outer momentum is decomposed by a DCT and
+            only its fast-moving part is synchronised. Which momentum, where, and what the outer optimizer
+            does: each worker keeps its own momentum m (in DCT coefficients), m = beta * m + DCT(delta) with
+            beta = --outer-ef-decay; per chunk of --outer-dct-chunk elements of a piece (orthonormal DCT-II
+            as a matmul, so it runs on GPU) the ceil(f c) coefficients of largest magnitude are sent (int8,
+            one fp32 scale per piece, or fp32 with --outer-dct-bits 32; uint8 index within the chunk) and
+            subtracted from m, which keeps the rest. That is SparseLoCo's decayed error feedback below, in
+            the DCT basis: the worker's m is both the momentum and the error feedback, and there is no
+            other momentum. "High-frequency" is read as DeMo's fast components: largest magnitude, not a
+            fixed band. The result is the inverse DCT of the mean sent coefficients (= the mean of the
+            inverse DCTs, by linearity), all-gathered, and the outer optimizer is plain SGD (lr --outer-lr,
+            momentum 0, no Nesterov): theta -= lr * mean. With fraction 1, fp32 values and decay 0 nothing
+            is left in m after a round: outer SGD without momentum on the mean pseudo-gradient. A piece
+            whose size is not a multiple of the chunk is zero-padded: the part of a sent coefficient that
+            falls on the padding is dropped on decode.
+  sparseloco
+         SparseLoCo (Sarfi et al., arXiv 2508.15706): the outer momentum is replaced by each worker's own
+            error feedback e, decayed: e = beta * e + delta (beta = --outer-ef-decay, 0.95 as in the paper);
+            each piece is cut into chunks of c = min(--outer-sparseloco-chunk, n_i) elements (4096 as the
+            paper's 64 x 64 tiles; here runs of the flat piece, the last one zero-padded) and the
+            k = ceil(f c) entries of largest |e| of every chunk are sent, f = --outer-sparseloco-density;
+            e keeps everything else: e -= what was sent, as decoded. Values travel in 2 bits: the paper's
+            reference code's statistical quantiser, per piece: code = clamp(round((v - mean) / s) + 2, 0, 3)
+            with s = 6 sigma / 4 (sigma the values' standard deviation), each code decoded as the mean of
+            the values that took it (4 fp32 levels per piece); --outer-sparseloco-bits 32 sends fp32.
+            Indices within a chunk are bit-packed (12 bits at c = 4096). All-gathered; the mean is
+            sum over workers / K (the paper's rule; its reference code averages each entry over only the
+            workers that sent it), and the outer optimizer is plain SGD, no momentum, no Nesterov:
+            theta -= lr * mean, lr = --outer-lr (1 in the paper). At density 1, fp32 values and decay 0
+            this is DiLoCo with outer SGD without momentum, bit for bit.
 
 Bytes this rank sends per exchange (what comm records), for P fp32 parameters in n pieces of n_i elements
 at K workers; S = ceil(P / K) is the shard length (int4: rounded up to even), C = QUANT_CHUNK:
@@ -43,6 +61,11 @@ at K workers; S = ceil(P / K) is the shard length (int4: rounded up to even), C 
   int4   2 (K-1) (S/2 + 4 ceil(S / C))
   topk   (K-1) sum_i (4 + k_i (1 + w_i))       k_i = max(1, ceil(f n_i)), w_i = bytes to hold n_i - 1
   dct    (K-1) (4n + 2 kc sum_i ceil(n_i / c))  kc = max(1, ceil(f c)), c = --outer-dct-chunk
+         (fp32 values: (K-1) 5 kc sum_i ceil(n_i / c))
+  sparseloco
+         (K-1) sum_i (16 + ceil(m_i / 4) + ceil(m_i b_i / 8))   c_i = min(c, n_i), k_i = max(1, ceil(f c_i)),
+                                   m_i = k_i ceil(n_i / c_i) values, b_i = bits to hold c_i - 1 (at least 1)
+         (fp32 values: (K-1) sum_i (4 m_i + ceil(m_i b_i / 8)))
 
 K shards of B bytes make the quantised payload K B, so those send 2 (K-1)/K x payload. At K = 1 nothing
 is sent, but quantisation and error feedback still apply.
@@ -75,6 +98,33 @@ def _fraction_count(fraction, n):
 
 def _int8_quantise(vals, scale_per_value):
     return torch.round(vals / torch.where(scale_per_value > 0, scale_per_value, 1.0)).clamp_(-127, 127).to(torch.int8)
+
+
+def _pack_bits(v, bits):
+    """Non-negative integers below 2**bits, `bits` each (least significant first), into ceil(len bits / 8) bytes."""
+    b = ((v.long()[:, None] >> torch.arange(bits, device=v.device)) & 1).to(torch.uint8).reshape(-1)
+    b = F.pad(b, (0, -b.numel() % 8)).view(-1, 8)
+    return (b << torch.arange(8, device=v.device, dtype=torch.uint8)).sum(1).to(torch.uint8)
+
+
+def _unpack_bits(p, count, bits):
+    """Inverse of _pack_bits: `count` integers (int64) from the bytes p."""
+    b = ((p[:, None] >> torch.arange(8, device=p.device, dtype=torch.uint8)) & 1).reshape(-1)[:count * bits]
+    return (b.view(count, bits).long() << torch.arange(bits, device=p.device)).sum(1)
+
+
+def _two_bit_quantise(vals):
+    """2-bit codes and the 4 fp32 levels they decode to, for one piece's sent values (SparseLoCo's reference
+    rule): 4 bins of width 6 sigma / 4 around the mean, the middle two astride it; each level is the mean of
+    the values in its bin, so the decoded values keep the sum of each bin (empty bins: level 0, never used)."""
+    mean = vals.mean()
+    sigma = vals.std() if vals.numel() > 1 else vals.new_zeros(())
+    step = 1.5 * sigma
+    step = torch.where(torch.isfinite(step) & (step > 0), step, torch.ones_like(step))
+    codes = torch.round((vals - mean) / step).add_(2).clamp_(0, 3).long()
+    sums = vals.new_zeros(4).index_add_(0, codes, vals)
+    counts = vals.new_zeros(4).index_add_(0, codes, torch.ones_like(vals))
+    return codes, torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
 
 
 class Codec:
@@ -290,26 +340,31 @@ class TopKCodec(Codec):
 
 class DCTCodec(Codec):
     name = "dct"
-    summary = ("DeMo-style: per-worker outer momentum, chunked DCT, the --outer-dct-fraction largest coefficients "
-               "per chunk sent (int8 + uint8 index), all-gathered; owns the outer momentum")
+    summary = ("DeMo-style: per-worker momentum decayed by --outer-ef-decay, chunked DCT, the --outer-dct-fraction "
+               "largest coefficients per chunk sent (int8 + uint8 index), all-gathered, outer SGD without momentum")
     transport = "all_gather"
     owns_momentum = True
     buffers = ("momentum",)  # this worker's momentum minus what it sent, as (chunks, c) DCT coefficients
 
-    def __init__(self, sizes, device, fraction, chunk, momentum):
+    def __init__(self, sizes, device, fraction, chunk, decay, bits=8):
         super().__init__(sizes, device)
         if not 0 < fraction <= 1:
             raise ValueError(f"--outer-dct-fraction must be in (0, 1], got {fraction}")
         if not 1 <= chunk <= 256:
             raise ValueError(f"--outer-dct-chunk must be in 1..256 (indices travel as one byte), got {chunk}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"--outer-momentum must be in [0, 1) for the dct codec, got {momentum}")
-        self.chunk, self.beta = chunk, momentum
+        if not 0 <= decay < 1:
+            raise ValueError(f"--outer-ef-decay must be in [0, 1), got {decay}")
+        if bits not in (8, 32):
+            raise ValueError(f"--outer-dct-bits must be 8 or 32, got {bits}")
+        self.chunk, self.beta, self.bits = chunk, decay, bits
         self.kc = _fraction_count(fraction, chunk)
         sizes = torch.tensor(self.sizes, dtype=torch.long)
         per_piece = (sizes + chunk - 1) // chunk
         self.nchunks = int(per_piece.sum())
-        self.payload_bytes = 4 * len(self.sizes) + 2 * self.kc * self.nchunks
+        # int8: n fp32 scales | one int8 per coefficient | uint8 indices; fp32: the coefficients | uint8 indices
+        self.scale_bytes = 4 * len(self.sizes) if bits == 8 else 0
+        self.value_bytes = (1 if bits == 8 else 4) * self.kc * self.nchunks
+        self.payload_bytes = self.scale_bytes + self.value_bytes + self.kc * self.nchunks
         # every piece starts a fresh zero-padded chunk: (flat offset, chunked offset, numel) of each piece
         first_elem, first_chunk = sizes.cumsum(0) - sizes, per_piece.cumsum(0) - per_piece
         self.spans = [(int(a), int(b) * chunk, n) for a, b, n in zip(first_elem, first_chunk, self.sizes)]
@@ -325,10 +380,12 @@ class DCTCodec(Codec):
 
     def _decode(self, p):
         """(rows, payload) uint8 -> dequantised coefficients and their in-chunk indices, (rows, chunks, kc)."""
-        n, total = len(self.sizes), self.nchunks * self.kc
-        scale = _as_dtype(p[:, :4 * n], torch.float32)
-        q = _as_dtype(p[:, 4 * n:4 * n + total], torch.int8).float().view(-1, self.nchunks, self.kc)
-        idx = p[:, 4 * n + total:].long().view(-1, self.nchunks, self.kc)
+        a, b = self.scale_bytes, self.scale_bytes + self.value_bytes
+        idx = p[:, b:].long().view(-1, self.nchunks, self.kc)
+        if self.bits == 32:
+            return _as_dtype(p[:, :b], torch.float32).view(-1, self.nchunks, self.kc), idx
+        scale = _as_dtype(p[:, :a], torch.float32)
+        q = _as_dtype(p[:, a:b], torch.int8).float().view(-1, self.nchunks, self.kc)
         return q * scale[:, self.chunk_piece, None], idx
 
     def exchange(self, flat, group):
@@ -341,10 +398,14 @@ class DCTCodec(Codec):
             m.add_(self.momentum, alpha=self.beta)
         sel = m.abs().topk(self.kc, dim=1, sorted=False).indices
         vals = m.gather(1, sel)
-        absmax = flat.new_zeros(len(self.sizes)).scatter_reduce_(0, self.chunk_piece, vals.abs().amax(1), "amax")
-        scale = absmax / 127
-        q = _int8_quantise(vals, scale[self.chunk_piece, None])
-        payload = torch.cat([_to_bytes(scale[None])[0], _to_bytes(q.view(1, -1))[0], sel.to(torch.uint8).view(-1)])
+        if self.bits == 32:
+            values = _to_bytes(vals.reshape(1, -1))[0]
+        else:
+            absmax = flat.new_zeros(len(self.sizes)).scatter_reduce_(0, self.chunk_piece, vals.abs().amax(1), "amax")
+            scale = absmax / 127
+            q = _int8_quantise(vals, scale[self.chunk_piece, None])
+            values = torch.cat([_to_bytes(scale[None])[0], _to_bytes(q.view(1, -1))[0]])
+        payload = torch.cat([values, sel.to(torch.uint8).view(-1)])
         sent, where = self._decode(payload[None])
         self.momentum = m.sub_(torch.zeros_like(m).scatter_(1, where[0], sent[0]))  # the slow part stays here
         k = comm.group_size(group)
@@ -358,7 +419,90 @@ class DCTCodec(Codec):
         return torch.cat([mean[b:b + n] for _, b, n in self.spans])
 
 
-CODECS = {c.name: c for c in (NoneCodec, BF16Codec, Int8Codec, Int4Codec, TopKCodec, DCTCodec)}
+class SparseLoCoCodec(Codec):
+    name = "sparseloco"
+    summary = ("SparseLoCo: per-worker error feedback decayed by --outer-ef-decay (the outer momentum), top "
+               "--outer-sparseloco-density of each --outer-sparseloco-chunk, 2-bit values, all-gathered, outer SGD "
+               "without momentum")
+    transport = "all_gather"
+    owns_momentum = True
+    buffers = ("error",)  # e: this worker's decayed accumulation of its pseudo-gradients, minus what it sent
+
+    def __init__(self, sizes, device, density, chunk, decay, bits=2):
+        super().__init__(sizes, device)
+        if not 0 < density <= 1:
+            raise ValueError(f"--outer-sparseloco-density must be in (0, 1], got {density}")
+        if chunk < 1:
+            raise ValueError(f"--outer-sparseloco-chunk must be >= 1, got {chunk}")
+        if not 0 <= decay < 1:
+            raise ValueError(f"--outer-ef-decay must be in [0, 1), got {decay}")
+        if bits not in (2, 32):
+            raise ValueError(f"--outer-sparseloco-bits must be 2 or 32, got {bits}")
+        self.decay, self.bits = decay, bits
+        # per piece: (flat offset, numel, chunk length, chunks, values sent per chunk, index bits, payload bytes)
+        self.layout, offset = [], 0
+        for n in self.sizes:
+            c = min(chunk, n)
+            nch, k, w = -(-n // c), _fraction_count(density, c), max(1, (c - 1).bit_length())
+            m = k * nch
+            nbytes = (16 + -(-m // 4) if bits == 2 else 4 * m) + -(-m * w // 8)
+            self.layout.append((offset, n, c, nch, k, w, nbytes))
+            offset += n
+        self.payload_bytes = sum(piece[-1] for piece in self.layout)
+
+    def wire_bytes(self, k):
+        return (k - 1) * self.payload_bytes
+
+    def _encode_piece(self, e, offset, n, c, nch, k, w):
+        """The payload of one piece of e, and the values it decodes to at their piece-local indices."""
+        chunks = F.pad(e[offset:offset + n], (0, nch * c - n)).view(nch, c)
+        sel = chunks.abs().topk(k, dim=1, sorted=False).indices
+        vals = chunks.gather(1, sel).reshape(-1)
+        if self.bits == 2:
+            codes, levels = _two_bit_quantise(vals)
+            values, sent = torch.cat([_to_bytes(levels[None])[0], _pack_bits(codes, 2)]), levels[codes]
+        else:
+            values, sent = _to_bytes(vals[None])[0], vals
+        where = (sel + torch.arange(nch, device=sel.device)[:, None] * c).reshape(-1)
+        return torch.cat([values, _pack_bits(sel.reshape(-1), w)]), sent, where
+
+    def _decode_piece(self, p, n, c, nch, k, w):
+        """One piece's payload -> the decoded values and their piece-local indices, padding dropped."""
+        m = k * nch
+        if self.bits == 2:
+            levels = _as_dtype(p[None, :16], torch.float32)[0]
+            vals, rest = levels[_unpack_bits(p[16:16 + -(-m // 4)], m, 2)], p[16 + -(-m // 4):]
+        else:
+            vals, rest = _as_dtype(p[None, :4 * m], torch.float32)[0], p[4 * m:]
+        where = (_unpack_bits(rest, m, w).view(nch, k) + torch.arange(nch, device=p.device)[:, None] * c).reshape(-1)
+        real = where < n
+        return vals[real], where[real]
+
+    def exchange(self, flat, group):
+        self._check(flat)
+        e = self.error.mul_(self.decay).add_(flat) if self.error is not None else flat.clone()
+        parts = []
+        for offset, n, c, nch, k, w, _ in self.layout:
+            part, sent, where = self._encode_piece(e, offset, n, c, nch, k, w)
+            real = where < n  # a value picked on the padding of a last chunk is sent but never applied
+            e[offset + where[real]] -= sent[real]
+            parts.append(part)
+        self.error = e
+        payload = torch.cat(parts)
+        k = comm.group_size(group)
+        gathered = payload.new_empty(k, self.payload_bytes)
+        comm.all_gather_into_tensor(gathered, payload, group)
+        total = torch.zeros_like(flat)
+        for r in range(k):  # rank by rank, pieces in order, unique indices per call: the same sum on every rank
+            start = 0
+            for offset, n, c, nch, kk, w, nbytes in self.layout:
+                vals, where = self._decode_piece(gathered[r, start:start + nbytes], n, c, nch, kk, w)
+                total[offset:offset + n].index_add_(0, where, vals)
+                start += nbytes
+        return total.div_(k)
+
+
+CODECS = {c.name: c for c in (NoneCodec, BF16Codec, Int8Codec, Int4Codec, TopKCodec, DCTCodec, SparseLoCoCodec)}
 
 
 def add_codec_args(group):
@@ -372,17 +516,31 @@ def add_codec_args(group):
                        help="dct: fraction of the DCT coefficients of each chunk sent per outer sync")
     group.add_argument("--outer-dct-chunk", type=int, default=64,
                        help="dct: elements per DCT chunk (at most 256)")
+    group.add_argument("--outer-dct-bits", type=int, choices=[8, 32], default=8,
+                       help="dct: bits per sent coefficient (8: int8 with one fp32 scale per tensor; 32: fp32)")
+    group.add_argument("--outer-sparseloco-density", type=float, default=1 / 64,
+                       help="sparseloco: fraction of each chunk's entries sent per outer sync (1/64: 64 of 4096)")
+    group.add_argument("--outer-sparseloco-chunk", type=int, default=4096,
+                       help="sparseloco: elements per top-k chunk (a tensor smaller than this is one chunk)")
+    group.add_argument("--outer-sparseloco-bits", type=int, choices=[2, 32], default=2,
+                       help="sparseloco: bits per sent value (2: four levels per tensor; 32: fp32)")
+    group.add_argument("--outer-ef-decay", type=float, default=0.95,
+                       help="sparseloco, dct: decay of each worker's error feedback / momentum, e = decay * e + delta "
+                            "(these codecs replace the outer momentum: the outer SGD runs without it)")
     return group
 
 
-def make_codec(args, sizes, device, momentum=0.0):
-    """The codec named by args.outer_compression for flat vectors of pieces of `sizes` elements. `momentum`
-    is the outer momentum, used only by codecs that own it (dct)."""
+def make_codec(args, sizes, device):
+    """The codec named by args.outer_compression for flat vectors of pieces of `sizes` elements."""
     name = args.outer_compression
     if name not in CODECS:
         raise ValueError(f"unknown --outer-compression {name!r}, expected one of {', '.join(CODECS)}")
     if name == "topk":
         return TopKCodec(sizes, device, args.outer_topk_fraction)
     if name == "dct":
-        return DCTCodec(sizes, device, args.outer_dct_fraction, args.outer_dct_chunk, momentum)
+        return DCTCodec(sizes, device, args.outer_dct_fraction, args.outer_dct_chunk, args.outer_ef_decay,
+                        args.outer_dct_bits)
+    if name == "sparseloco":
+        return SparseLoCoCodec(sizes, device, args.outer_sparseloco_density, args.outer_sparseloco_chunk,
+                               args.outer_ef_decay, args.outer_sparseloco_bits)
     return CODECS[name](sizes, device)

@@ -15,6 +15,12 @@ RECIPES = {
     # the same with every exchange a plain average (outer lr 1, no momentum: local SGD): with 40 rounds the
     # Nesterov momentum of the paper builds up to about 10x the outer lr
     "h10_int4_average": ["--diloco-h", "10", "--outer-compression", "int4", "--outer-lr", "1.0", "--outer-momentum", "0"],
+    # SparseLoCo (arXiv 2508.15706) with the paper's settings: H 15, each worker's error feedback decayed by 0.95 in
+    # place of the outer momentum, the top 64 of each 4096 entries in 2 bits + 12-bit indices (about 1/146 of an fp32
+    # copy per sync), outer SGD lr 1 without momentum (diloco/codecs.py)
+    "sparseloco": ["--diloco-h", "15", "--outer-compression", "sparseloco", "--outer-sparseloco-density", "0.015625",
+                   "--outer-sparseloco-chunk", "4096", "--outer-sparseloco-bits", "2", "--outer-ef-decay", "0.95",
+                   "--outer-lr", "1.0"],
 }
 
 

@@ -238,6 +238,7 @@ class DiLoCoSync:
         self.side_stream = torch.cuda.Stream(self.comm_device) if overlap and self.comm_device.type == "cuda" else None
         self.inner_step = 0  # inner steps since this sync object started (or since the run started, on resume)
         self.last_launch = [0] * fragments  # inner step of each fragment's last launched exchange
+        self.last_applied = [0] * fragments  # inner step at which each fragment's last exchange was applied
         self.pending = {}  # fragment index -> Pending
         self.num_syncs = 0  # fragment syncs applied (F per H steps)
         self.wait_seconds = 0.0  # time the training loop was blocked on outer exchanges
@@ -254,7 +255,8 @@ class DiLoCoSync:
         """What a joining worker is healed with (torchft sends it from a live peer at the quorum)."""
         return {"theta_global": [[t.cpu() for t in frag.theta] for frag in self.fragments],
                 "outer_optimizer": self.outer_optimizer.state_dict(), "inner_step": self.inner_step,
-                "last_launch": list(self.last_launch), "num_syncs": self.num_syncs}
+                "last_launch": list(self.last_launch), "last_applied": list(self.last_applied),
+                "num_syncs": self.num_syncs}
 
     def _heal(self, state):
         """A peer's outer state: theta_global (also this rank's own pieces of the model), outer momentum,
@@ -265,8 +267,13 @@ class DiLoCoSync:
                     theta.copy_(t)
                     p.copy_(t)
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
-        self.inner_step, self.last_launch = state["inner_step"], list(state["last_launch"])
+        self._load_counters(state)
         self.num_syncs = state["num_syncs"]
+
+    def _load_counters(self, state):
+        self.inner_step, self.last_launch = state["inner_step"], list(state["last_launch"])
+        # states saved before last_applied was kept: as then, every fragment counts as applied at its launch
+        self.last_applied = list(state.get("last_applied", state["last_launch"]))
 
     def step(self):
         for opt in self.optimizers:
@@ -341,16 +348,21 @@ class DiLoCoSync:
         with self._outer_schedule(pending.launched_at):
             self.wait_seconds += frag.finish(pending, self.outer_optimizer, self.alpha)
         self._share_within_worker(frag)
+        self.last_applied[f] = self.inner_step
         self.num_syncs += 1
 
     def synchronize(self):
-        """Finish the schedule (end of training): apply the exchanges in flight, sync every fragment with
-        inner steps since its last launch, and leave theta_global in the model."""
-        drained = set(self.pending)
-        for f in sorted(drained):
-            self._finish(f)
-        self.outer_step([f for f in range(len(self.fragments))
-                         if f not in drained and self.last_launch[f] < self.inner_step])
+        """Finish the schedule (end of training): apply the exchanges in flight, then sync once more every
+        fragment that took inner steps since its last exchange was applied, and leave theta_global in the model.
+
+        The end-of-training rule, on purpose: a fragment with nothing new since its last exchange landed (with
+        overlap, one whose exchange landed on the very last step) is left as it landed. Syncing it again would
+        send a zero pseudo-gradient (alpha 0) or only the alpha-mixing residue, and the outer optimizer would
+        turn that into a pure momentum step on the final weights. Without overlap an exchange lands on the
+        step it is launched, so this is the former "steps since its last launch" rule, unchanged."""
+        for f in sorted(self.pending):
+            self._finish(f)  # applied now: nothing new since
+        self.outer_step([f for f in range(len(self.fragments)) if self.last_applied[f] < self.inner_step])
         if self.alpha:  # alpha mixing left local weights in the model: the result is theta_global
             with torch.no_grad():
                 for frag in self.fragments:
@@ -415,7 +427,8 @@ class DiLoCoSync:
                 "theta_global": [[t.cpu() for t in frag.theta] for frag in self.fragments],
                 "outer_optimizer": self.outer_optimizer.state_dict(),
                 "codecs": [frag.codec.state_dict() for frag in self.fragments],
-                "inner_step": self.inner_step, "last_launch": list(self.last_launch), "pending": pending,
+                "inner_step": self.inner_step, "last_launch": list(self.last_launch),
+                "last_applied": list(self.last_applied), "pending": pending,
                 "num_syncs": self.num_syncs, "wait_seconds": self.wait_seconds,
                 "local_weights": [t.detach().cpu().clone() for t in local]}
 
@@ -473,7 +486,8 @@ class DiLoCoSync:
             scalars.update(piece_scalars)
         return {"mode": "diloco", "h": self.h, "fragments": len(self.fragments), "theta_global": theta_global,
                 "outer_state": outer_state, "outer_scalars": scalars, "inner_step": self.inner_step,
-                "last_launch": list(self.last_launch), "num_syncs": self.num_syncs}
+                "last_launch": list(self.last_launch), "last_applied": list(self.last_applied),
+                "num_syncs": self.num_syncs}
 
     def load_portable_state_dict(self, state):
         """Continue from a portable state (any number of workers and ranks): theta_global and the outer
@@ -505,7 +519,7 @@ class DiLoCoSync:
                         entry[key] = (buf.view(-1, *buf.shape[1:])[lo:hi].view_as(theta) if buf.dim() else buf).to(theta.device, copy=True)
                     if entry:
                         self.outer_optimizer.state[theta] = entry
-        self.inner_step, self.last_launch = state["inner_step"], list(state["last_launch"])
+        self._load_counters(state)
         self.num_syncs, self.pending = state["num_syncs"], {}
 
     def load_state_dict(self, state):
@@ -527,7 +541,7 @@ class DiLoCoSync:
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         for frag, codec_state in zip(self.fragments, state["codecs"], strict=True):
             frag.codec.load_state_dict(codec_state)
-        self.inner_step, self.last_launch = state["inner_step"], list(state["last_launch"])
+        self._load_counters(state)
         self.num_syncs, self.wait_seconds = state["num_syncs"], state["wait_seconds"]
         self.pending = {}
         for f, saved in state["pending"].items():
@@ -538,7 +552,8 @@ class DiLoCoSync:
 
 def make_sync(args, model, optimizers, groups, outer_optimizer=None):
     """DDPSync or DiLoCoSync from the flags. outer_optimizer: params -> Optimizer (default: SGD from the
-    --outer-* flags; momentum 0 when the codec keeps the momentum itself, as dct does)."""
+    --outer-* flags; momentum 0 when the codec keeps the momentum itself, as dct and sparseloco do: their
+    workers' decayed error feedback is the momentum, and the outer step is theta -= lr * mean)."""
     if args.comm_delay_ms:
         comm.set_comm_delay("inner" if args.sync == "ddp" else "outer", args.comm_delay_ms / 1000)
     if args.sync == "ddp":
@@ -556,7 +571,7 @@ def make_sync(args, model, optimizers, groups, outer_optimizer=None):
             raise ValueError("--elastic torchft sends fp32 pseudo-gradients: use --outer-compression none")
         membership_factory = lambda state_fn, load_fn: _torchft_membership(args, state_fn, load_fn, model)
     return DiLoCoSync(model, optimizers, groups, h=args.diloco_h, outer_optimizer=outer_optimizer,
-                      codec_factory=lambda sizes, device: make_codec(args, sizes, device, momentum=args.outer_momentum),
+                      codec_factory=lambda sizes, device: make_codec(args, sizes, device),
                       outer_device=args.outer_device, fragments=args.diloco_fragments, overlap=args.diloco_overlap,
                       alpha=args.fragment_alpha, membership_factory=membership_factory,
                       lr_warmup=args.outer_lr_warmup, final_average=bool(args.outer_final_average))

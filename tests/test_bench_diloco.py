@@ -12,6 +12,7 @@ import torch
 from diloco.fragments import split_into_fragments
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import get_tokenizer
+from tests.test_codecs import expected_wire_bytes
 from tests.helpers_pipeline import ROOT, TINY_MODEL, make_tiny_corpus
 
 
@@ -66,21 +67,37 @@ def test_bench_reports_exact_bytes_and_ratio(base_dir, tmp_path):
     assert [(a["arm"], a["val_bpb"], a["bytes_across_workers"]) for a in again] == \
         [(a["arm"], a["val_bpb"], a["bytes_across_workers"]) for a in result["arms"]]
 
-    # --sweep: DDP (reused), two grid points (the second the default DiLoCo every gap is also measured against)
-    # and a recipe, ranked with their bytes; the grid point at H=2 sends 2 fp32 syncs of the model where DDP sends 4
-    # gradient all-reduces, the default and the recipe at H=50 only the final sync
+    # --sweep: DDP (reused), two grid points (the second the default DiLoCo every gap is also measured against),
+    # one point of SparseLoCo's grid and a recipe, ranked with their bytes; the grid point at H=2 sends 2 fp32 syncs
+    # of the model where DDP sends 4 gradient all-reduces, the default and the recipe at H=50 only the final sync,
+    # SparseLoCo at H=2 two sparse 2-bit payloads
+    sparse = ["--sweep-sparse-hs", "2", "--sweep-sparse-densities", "0.02", "--sweep-sparse-decays", "0.95",
+              "--sweep-sparse-lrs", "1.0"]
     proc = subprocess.run([sys.executable, "-m", "bench.bench_diloco", "--num-iterations", "4", "--sweep", "--sweep-hs", "2,50",
-                           "--sweep-lrs", "0.7", "--sweep-momenta", "0.9", "--sweep-workers", "2",
+                           "--sweep-lrs", "0.7", "--sweep-momenta", "0.9", "--sweep-workers", "2", *sparse,
                            "--recipes", "final_average,h10_int4_average", "--out", str(out), *TINY_MODEL], cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("reusing the finished run") == 1  # the DDP arm above
     rows = {r["arm"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
-    assert list(rows) == ["ddp", "sweep_h2_lr0.7_m0.9_w2", "sweep_h50_lr0.7_m0.9_w2", "recipe_final_average",
-                          "recipe_h10_int4_average"]
+    assert list(rows) == ["ddp", "sweep_h2_lr0.7_m0.9_w2", "sweep_h50_lr0.7_m0.9_w2", "sparse_h2_d0.02_b0.95_lr1.0",
+                          "recipe_final_average", "recipe_h10_int4_average"]
     assert rows["ddp"]["val_bpb"] == ddp["val_bpb"]
     assert rows["sweep_h2_lr0.7_m0.9_w2"]["bytes_across_workers"] == 2 * 2 * 4 * P
     assert rows["sweep_h50_lr0.7_m0.9_w2"]["bytes_across_workers"] == 1 * 2 * 4 * P
+    sizes = [p.numel() for p in params]
+    assert rows["sparse_h2_d0.02_b0.95_lr1.0"]["bytes_across_workers"] == \
+        2 * 2 * expected_wire_bytes("sparseloco", sizes, 2, sl_density=0.02)  # 2 syncs x 2 ranks
+    # the Pareto front: no run on it has another with no more bytes and no worse val bpb; DDP (gap 0) and the
+    # run with the fewest bytes of those ending best are on it
+    for r in rows.values():
+        dominated = any(o is not r and o["bytes_across_workers"] <= r["bytes_across_workers"] and o["val_bpb"] <= r["val_bpb"]
+                        and (o["bytes_across_workers"], o["val_bpb"]) != (r["bytes_across_workers"], r["val_bpb"])
+                        for o in rows.values())
+        assert r["front"] == (not dominated), r["arm"]
+    fewest = min(rows.values(), key=lambda r: (r["bytes_across_workers"], r["val_bpb"]))
+    assert fewest["front"] and (rows["ddp"]["front"] or any(r["val_bpb"] <= ddp["val_bpb"] for r in rows.values() if r is not rows["ddp"]))
+    assert (out / "sweep.png").stat().st_size > 0
     default_gap = rows["sweep_h50_lr0.7_m0.9_w2"]["gap_vs_ddp"]
     for r in rows.values():  # also for the row ranked before the default's
         assert r["gap_vs_default"] == (r["gap_vs_ddp"] / default_gap if default_gap > 0 else None)
@@ -91,7 +108,7 @@ def test_bench_reports_exact_bytes_and_ratio(base_dir, tmp_path):
     # --sweep-finished: the table of what has finished so far, training nothing; the rest is named. A run is found
     # by its flags' values: h10_int4_average's `--outer-momentum 0` was saved as 0.0 and is the same run
     sweep = [sys.executable, "-m", "bench.bench_diloco", "--num-iterations", "4", "--sweep", "--sweep-hs", "2,50,3",
-             "--sweep-lrs", "0.7", "--sweep-momenta", "0.9", "--sweep-workers", "2",
+             "--sweep-lrs", "0.7", "--sweep-momenta", "0.9", "--sweep-workers", "2", *sparse,
              "--recipes", "final_average,h10_int4_average", "--sweep-finished", "--out", str(out), *TINY_MODEL]
     proc = subprocess.run(sweep, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=120)
@@ -99,7 +116,7 @@ def test_bench_reports_exact_bytes_and_ratio(base_dir, tmp_path):
     assert "steps on" not in proc.stdout and not os.path.exists(out / "logs" / "sweep_h3_lr0.7_m0.9_w2.log")
     partial = json.loads((out / "sweep.json").read_text())["rows"]
     assert [(r["arm"], r["val_bpb"]) for r in partial] == [(a, rows[a]["val_bpb"]) for a in rows]
-    assert "5 of 6 runs finished, not yet run: sweep_h3_lr0.7_m0.9_w2" in (out / "sweep.md").read_text()
+    assert "6 of 7 runs finished, not yet run: sweep_h3_lr0.7_m0.9_w2" in (out / "sweep.md").read_text()
     # without a finished DDP run (another seed) there is nothing to compare with: a clear error
     proc = subprocess.run(sweep + ["--seed", "7"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=120)

@@ -169,6 +169,66 @@ def test_outer_final_average_makes_only_the_last_exchange_a_plain_average():
     assert sync.outer_optimizer.param_groups[0]["lr"] == 0.7 and sync.outer_optimizer.param_groups[0]["momentum"] == 0.9
 
 
+def outer_sgd_reference(k, steps, h, lr_out, lr_in=0.1):
+    """Plain DiLoCo written out: K workers of SGD on their own batches; every H steps theta_global -= lr_out x
+    the mean of (theta_global - worker) and every worker copies it. Returns the workers' flat weights per step."""
+    models = [toy_model() for _ in range(k)]
+    theta = flat_params(models[0])
+    history = []
+    for step in range(steps):
+        for rank, m in enumerate(models):
+            m.zero_grad()
+            x, y = toy_batch(rank, step)
+            nn.functional.mse_loss(m(x), y).backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= lr_in * p.grad
+        if (step + 1) % h == 0:
+            theta = theta - lr_out * sum(theta - flat_params(m) for m in models) / k
+            for m in models:
+                torch.nn.utils.vector_to_parameters(theta.clone(), m.parameters())
+        history.append([flat_params(m) for m in models])
+    return history
+
+
+EXACT_SPARSE = {  # every entry sent, fp32 values, no decay: nothing is left behind, nothing carried over
+    "none": ["--outer-compression", "none", "--outer-momentum", "0"],
+    "sparseloco": ["--outer-compression", "sparseloco", "--outer-sparseloco-density", "1", "--outer-sparseloco-bits", "32",
+                   "--outer-ef-decay", "0"],
+    "dct": ["--outer-compression", "dct", "--outer-dct-fraction", "1", "--outer-dct-bits", "32", "--outer-ef-decay", "0"],
+}
+
+
+def _exact_sparse(rank, world_size):
+    out = {}
+    for name, flags in EXACT_SPARSE.items():
+        model = toy_model()
+        args = sync_args("--sync", "diloco", "--diloco-h", "3", "--outer-lr", "0.7", *flags)  # --outer-momentum 0.9 left
+        groups = make_worker_groups(args)
+        sync = make_sync(args, model, [GroupSGD(model.parameters(), 0.1, groups.inner)], groups)
+        out[name] = (train(model, sync, 9, rank), sync.outer_optimizer.param_groups[0]["momentum"])
+    return out
+
+
+def test_sparse_codecs_at_density_1_fp32_no_decay_are_diloco_with_outer_sgd_without_momentum(tmp_path):
+    """sparseloco and dct own the outer momentum (their workers' decayed error feedback): the outer step is
+    theta -= lr x mean with no momentum on top, even with --outer-momentum 0.9 given. Sending everything in fp32
+    with decay 0, that is plain DiLoCo with outer SGD: sparseloco bit for bit, dct (a DCT and back) to float
+    rounding, both against codec none with momentum 0 and an independent reference."""
+    got = run_distributed(_exact_sparse, 2, tmp_path)
+    reference = outer_sgd_reference(2, 9, 3, 0.7)
+    for rank in range(2):
+        plain, _ = got[rank]["none"]
+        for name in ("sparseloco", "dct"):
+            history, momentum = got[rank][name]
+            assert momentum == 0  # the outer SGD has none: the codec keeps it
+            for step in range(9):
+                assert (history[step] - reference[step][rank]).abs().max().item() < 1e-6, (name, step)
+                if name == "sparseloco":
+                    assert torch.equal(history[step], plain[step]), step
+        assert not torch.equal(plain[2], plain[8])  # it did train
+
+
 # --- workers, groups and communication ------------------------------------------------------------------
 
 def _diverge_then_sync(rank, world_size, compression):
@@ -182,7 +242,7 @@ def _diverge_then_sync(rank, world_size, compression):
     return history, comm.comm_stats(), sum(p.numel() for p in model.parameters()), len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("compression", ["none", "bf16", "int8", "int4", "topk", "dct"])
+@pytest.mark.parametrize("compression", ["none", "bf16", "int8", "int4", "topk", "dct", "sparseloco"])
 def test_workers_diverge_between_syncs_and_agree_after(tmp_path, compression):
     (h0, stats, numel, ntensors), (h1, _, _, _) = run_distributed(_diverge_then_sync, 2, tmp_path, compression)
     for step in range(6):
@@ -194,10 +254,13 @@ def test_workers_diverge_between_syncs_and_agree_after(tmp_path, compression):
     # bytes per rank per sync at K = 2 (toy model: 212 parameters in 4 tensors of 128, 16, 64, 4): fp32
     # all-reduce; bf16/int8/int4: all_to_all + all-gather of one shard of 106 each, int8/int4 with one fp32
     # scale per 256; topk (2%) and dct (2 of each 64-chunk): one all-gathered payload of 4 bytes per tensor
-    # (scale) + per value 1 byte + a 1-byte index (every tensor here has <= 256 entries)
+    # (scale) + per value 1 byte + a 1-byte index (every tensor here has <= 256 entries); sparseloco (1/64 of
+    # each tensor, all smaller than a chunk: 2, 1, 1, 1 values): per tensor 4 fp32 levels, 2-bit codes packed in
+    # a byte, and indices of 7, 4, 6, 2 bits packed in 2, 1, 1, 1 bytes
     assert (numel, ntensors) == (212, 4)
     expected = {"none": 4 * numel, "bf16": 2 * 2 * 106, "int8": 2 * (106 + 4), "int4": 2 * (53 + 4),
-                "topk": 4 * ntensors + 2 * (3 + 1 + 2 + 1), "dct": 4 * ntensors + 2 * 2 * (2 + 1 + 1 + 1)}[compression]
+                "topk": 4 * ntensors + 2 * (3 + 1 + 2 + 1), "dct": 4 * ntensors + 2 * 2 * (2 + 1 + 1 + 1),
+                "sparseloco": 16 * ntensors + 4 * 1 + (2 + 1 + 1 + 1)}[compression]
     assert stats["outer"]["bytes"] == 2 * expected  # two syncs
     assert "inner" not in stats or stats["inner"]["bytes"] == 0  # one rank per worker: nothing inside
 

@@ -58,9 +58,12 @@ def test_flags_out_of_range_are_refused_with_the_flag_named():
 
 # --- an independent reference of the streaming rule, K workers simulated in one process ------------------
 
-def streaming_reference(k, steps, h, frag_bounds, tau, alpha, lr_out, mu, lr_in=0.1):
+def streaming_reference(k, steps, h, frag_bounds, tau, alpha, lr_out, mu, lr_in=0.1, finish=False):
     """Flat-vector Streaming DiLoCo with SGD inner steps and Nesterov outer steps; returns each worker's
-    flat weights after every step. frag_bounds: (start, end) of each fragment in the flat vector."""
+    flat weights after every step. frag_bounds: (start, end) of each fragment in the flat vector.
+    finish: also return theta_global after the end of training: exchanges in flight are applied, then every
+    fragment that took inner steps since its last exchange was applied syncs once more; and the number of
+    fragment syncs applied in all."""
     models = [toy_model() for _ in range(k)]
     flat = lambda m: torch.nn.utils.parameters_to_vector(m.parameters()).detach().clone()
     theta = flat(models[0])
@@ -69,6 +72,13 @@ def streaming_reference(k, steps, h, frag_bounds, tau, alpha, lr_out, mu, lr_in=
     apply_at = [round((f + 1) * h / F) % h for f in range(F)]
     in_flight = {}
     history = []
+    applied_at = [0] * F
+    outer_steps = 0
+
+    def outer(a, b, mean):
+        buf[a:b] = mu * buf[a:b] + mean
+        theta[a:b] = theta[a:b] - lr_out * (mean + mu * buf[a:b])
+
     for step in range(steps):
         for rank, m in enumerate(models):
             m.zero_grad()
@@ -82,8 +92,8 @@ def streaming_reference(k, steps, h, frag_bounds, tau, alpha, lr_out, mu, lr_in=
         for f, (a, b) in enumerate(frag_bounds):
             if n % h == apply_at[f]:
                 mean = in_flight.pop(f) if tau else sum(theta[a:b] - w[a:b] for w in weights) / k
-                buf[a:b] = mu * buf[a:b] + mean
-                theta[a:b] = theta[a:b] - lr_out * (mean + mu * buf[a:b])
+                outer(a, b, mean)
+                applied_at[f], outer_steps = n, outer_steps + 1
                 for w in weights:
                     w[a:b] = alpha * w[a:b] + (1 - alpha) * theta[a:b]
             if tau and n % h == (apply_at[f] - tau) % h:
@@ -91,7 +101,16 @@ def streaming_reference(k, steps, h, frag_bounds, tau, alpha, lr_out, mu, lr_in=
         for m, w in zip(models, weights):
             torch.nn.utils.vector_to_parameters(w.clone(), m.parameters())  # the parameters become views of it
         history.append(weights)
-    return history
+    if not finish:
+        return history
+    for f, mean in in_flight.items():
+        outer(*frag_bounds[f], mean)
+        applied_at[f], outer_steps = steps, outer_steps + 1
+    for f, (a, b) in enumerate(frag_bounds):
+        if applied_at[f] < steps:
+            outer(a, b, sum(theta[a:b] - w[a:b] for w in history[-1]) / k)
+            outer_steps += 1
+    return history, theta, outer_steps
 
 
 STREAMING_CASES = [(2, 1, 0.0), (2, 0, 0.5), (4, 1, 0.25)]  # (fragments, overlap, alpha)
@@ -122,6 +141,45 @@ def test_streaming_equals_an_independent_reference(tmp_path):
             for rank in range(2):
                 assert (got[rank][case][step] - ref[step][rank]).abs().max().item() < 1e-6, (fragments, tau, alpha, step)
         assert not torch.equal(got[0][case][-1], got[1][case][-1])  # workers drift between fragment syncs
+
+
+# --- the end of training --------------------------------------------------------------------------------
+
+END_CASES = [(12, 0.0), (12, 0.5), (11, 0.0)]  # (steps, alpha) at H 8, F 2, overlap 1
+
+
+def _end_of_training(rank, world_size):
+    results = []
+    for steps, alpha in END_CASES:
+        model, _, sync = build(["--sync", "diloco", "--diloco-h", "8", "--diloco-fragments", "2", "--diloco-overlap", "1",
+                                "--fragment-alpha", str(alpha), "--outer-lr", "0.7", "--outer-momentum", "0.9"])
+        history = []
+        for step in range(steps):
+            inner_step(model, sync, rank, step)
+            history.append(flat_params(model))
+        sync.synchronize()
+        results.append((history, flat_params(model), sync.num_syncs))
+    return results
+
+
+def test_a_fragment_whose_exchange_landed_on_the_last_step_is_not_synced_again(tmp_path):
+    """H 8, F 2, overlap 1: fragment 0 applies at steps 4, 12 (launched at 3, 11), fragment 1 at 8. At 12 steps
+    fragment 0 lands on the last step: nothing new since, so the end of training leaves it as it landed (a
+    second sync would be a zero pseudo-gradient turned into a pure Nesterov step); fragment 1 took steps 9-12
+    since it landed and syncs once more. At 11 steps fragment 0 is in flight and is applied at the end."""
+    got = run_distributed(_end_of_training, 2, tmp_path)
+    sizes = [sum(p.numel() for p in frag) for frag in split_into_fragments(list(toy_model().parameters()), 2)]
+    bounds = [(0, sizes[0]), (sizes[0], sum(sizes))]
+    for case, (steps, alpha) in enumerate(END_CASES):
+        _, theta, syncs = streaming_reference(2, steps, 8, bounds, 1, alpha, 0.7, 0.9, finish=True)
+        assert syncs == 4  # fragment 0: at 4 and 12 (11 steps: at the end, from flight); fragment 1: at 8 and the end
+        for rank in range(2):
+            history, final, num_syncs = got[rank][case]
+            assert (final - theta).abs().max().item() < 1e-6, (steps, alpha)
+            assert num_syncs == syncs, (steps, alpha)
+            if (steps, alpha) == (12, 0.0):  # landed at the last step: the final weights are exactly those it landed on
+                assert torch.equal(final[:sizes[0]], history[-1][:sizes[0]])
+                assert not torch.equal(final[sizes[0]:], history[-1][sizes[0]:])  # fragment 1 synced once more
 
 
 # --- exact resume and side-effect-free evaluation ---------------------------------------------------------
