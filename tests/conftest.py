@@ -20,3 +20,15 @@ def base_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
     return d
+
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that meets a vanished or altered registry data source is skipped, naming it: the source is reported once,
+    as the failure of tests/test_offline_sources.py, not as a cascade of unrelated errors."""
+    from nanochat.offline import SourceUnavailable
+    report = (yield).get_result()
+    if call.excinfo is not None and call.excinfo.errisinstance(SourceUnavailable):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1], f"Skipped: {call.excinfo.value}")

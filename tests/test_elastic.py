@@ -30,7 +30,7 @@ def _worker(name, lighthouse, out_dir, role):
     groups = WorkerGroups(1, 1, 0, 0, None, None)
     sync = make_sync(args, model, [GroupSGD(model.parameters(), 0.1)], groups)
     joined_at, records, rejoined_at, met_peer_at = sync.inner_step, [], None, None
-    deadline = time.time() + 400  # generous: a loaded machine may take minutes to spawn the joiner
+    deadline = time.time() + 200  # generous: a loaded machine may take a minute to spawn the joiner
     while time.time() < deadline:
         x, y = toy_batch(hash(name) % 7, sync.inner_step)
         nn.functional.mse_loss(model(x), y).backward()
@@ -58,18 +58,20 @@ def _worker(name, lighthouse, out_dir, role):
 def elastic_run(tmp_path_factory):
     from torchft.coordination import LighthouseServer
     out = tmp_path_factory.mktemp("elastic")
-    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1, join_timeout_ms=2000, heartbeat_timeout_ms=1000)
+    # a 3 s heartbeat timeout: a busy machine that delays a live worker's heartbeat must not drop it from the quorum
+    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1, join_timeout_ms=2000, heartbeat_timeout_ms=3000)
     ctx = mp.get_context("spawn")
     procs = {}
     try:
         for role, name in (("survivor", "w0"), ("victim", "w1")):
             procs[role] = ctx.Process(target=_worker, args=(name, lighthouse.address(), str(out), role))
             procs[role].start()
+        deadline = time.time() + 240  # one budget for the whole run, so a hang fails in minutes
         procs["victim"].join(120)
         procs["joiner"] = ctx.Process(target=_worker, args=("w1", lighthouse.address(), str(out), "joiner"))
         procs["joiner"].start()
         for p in procs.values():
-            p.join(420)
+            p.join(max(1.0, deadline - time.time()))
         codes = {role: p.exitcode for role, p in procs.items()}
         yield codes, {role: torch.load(out / f"{role}.pt") for role in procs if (out / f"{role}.pt").exists()}
     finally:

@@ -156,7 +156,7 @@ def test_infinite_loop_and_sleep_time_out(mode):
         t0 = time.time()
         r = execute_code(code, timeout=0.5, isolation=mode)
         assert r.timeout and not r.success and "timed out" in r.error
-        assert time.time() - t0 < 5.5
+        assert time.time() - t0 < 30  # killed at its limit, not after the 60 s sleep (a margin for a busy machine)
 
 
 def _processes_named(comm):
@@ -194,7 +194,8 @@ while True:
             os.write(1, b'refused ' + type(e).__name__.encode() + b'\\n')
             break
 """
-    r = execute_code(code, timeout=10.0 if mode == "guard" else 1.0, isolation=mode)  # guard: ends by itself
+    # guard ends by itself; elsewhere 3 s lets a busy machine start the bomb before its limit ends it
+    r = execute_code(code, timeout=10.0 if mode == "guard" else 3.0, isolation=mode)
     forks = r.stdout.count("forked")
     if mode == "guard":  # fork itself is refused by the audit hook
         assert forks == 0 and "refused PermissionError" in r.stdout, r.stdout
