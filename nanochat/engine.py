@@ -13,7 +13,7 @@ import torch
 from nanochat.common import autocast_context
 from nanochat.decode import Decoder
 from nanochat.execution import use_calculator
-from nanochat.gpt import KVCache, sample_next_token
+from nanochat.gpt import KVCache, check_sampling, sample_next_token
 
 
 class RowState:
@@ -68,6 +68,7 @@ class Engine:
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Yields (token_column, token_masks) per step: one token per sample; mask 0 marks forced tool output."""
         assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "tokens must be a non-empty list of ids"
+        temperature, top_k = check_sampling(temperature, top_k)  # a bad value fails here, before any work
         device = self.model.get_device()
         rng = torch.Generator(device=device).manual_seed(seed)
         # The cache must hold the prompt plus every generated token; the model's context bounds the total.
