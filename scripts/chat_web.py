@@ -86,6 +86,7 @@ BODY_TIMEOUT_S = 30.0  # to receive a whole request body
 WRITE_TIMEOUT_S = 30.0  # a reply the client reads none of for this long is abandoned
 EVICT_AFTER_S = 1.0  # at the connection cap, a connection stalled this long (no head, a body coming, a reply unread) makes room
 LINGER_S = 2.0  # after a 503 and FIN, how long a client's further input is read and dropped (no reset)
+SEND_BUFFER_BYTES = 64 << 10  # kernel send buffer per connection (Linux doubles it); not auto-tuned to megabytes
 PROBE_S = 0.25  # after a FIN with a request in progress: first check that the client is still there
 MAX_LINGERING = 1024  # connections in such a lingering close at once; past it they are closed at once
 KEEP_ALIVE_S = 5  # idle time between requests on one connection
@@ -475,15 +476,28 @@ class Gate:
         return None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            problem = self.problem(scope, headers)
-            if problem is not None:
-                status, message, extra = problem
-                # the body, if any, is never read: the connection closes after the answer
-                response = error_response(status, message, headers={**extra, "Connection": "close"})
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        problem = self.problem(scope, headers)
+        if problem is not None:
+            status, message, extra = problem
+            # the body, if any, is never read: the connection closes after the answer
+            response = error_response(status, message, headers={**extra, "Connection": "close"})
+            return await response(scope, receive, send)
+        started = []
+
+        async def tracked_send(message):
+            started.append(True)
+            await send(message)
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as e:  # a bug: its traceback once per interval, a plain 500 for the client
+            if started:
+                raise  # a reply is under way: uvicorn can only close the connection
+            events(("app",) + _exception_key(e), f"unexpected error answering {scope['method']} {scope['path'][:100]}",
+                   logging.ERROR, e)
+            await error_response(500, "internal error")(scope, receive, send)
 
 # -----------------------------------------------------------------------------
 # Generation
@@ -528,10 +542,6 @@ def create_app(workers, model_name="nanochat", temperature=0.8, top_k=50, max_to
     @app.exception_handler(ClientGone)
     async def on_client_gone(request, exc):
         return Response(status_code=400)  # nobody reads it
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request, exc):  # logged by the server with its traceback; the client learns nothing
-        return error_response(500, "internal error")
 
     def parse(body, openai):
         if openai:
@@ -815,6 +825,9 @@ class GuardedH11Protocol(H11Protocol):
             self._linger(BUSY_RESPONSE)
             return
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # replies are small and slow: a bounded kernel buffer, so a stalled reader is seen soon
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self._arm_head_timer()
 
     def stalled_since(self):
