@@ -84,7 +84,7 @@ MAX_CONNECTIONS = 256
 HEADER_TIMEOUT_S = 10.0  # from connect (or the last response) to a complete request head
 BODY_TIMEOUT_S = 30.0  # to receive a whole request body
 WRITE_TIMEOUT_S = 30.0  # a reply the client reads none of for this long is abandoned
-EVICT_AFTER_S = 1.0  # at the connection cap, a connection stalled this long (no head, a body coming, a reply unread) makes room
+EVICT_AFTER_S = 1.0  # at the connection cap, a body this slow to come, or a reply unread this long, makes room
 LINGER_S = 2.0  # after a 503 and FIN, how long a client's further input is read and dropped (no reset)
 SEND_BUFFER_BYTES = 64 << 10  # kernel send buffer per connection (Linux doubles it); not auto-tuned to megabytes
 PROBE_S = 0.25  # after a FIN with a request in progress: first check that the client is still there
@@ -796,9 +796,9 @@ BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, hardened against clients that hold connections without using them:
     - a request head must arrive within header_timeout of the connection (or of the previous response);
-    - at most max_connections are open. At the cap, the connection stalled longest makes room, if it has been
-      stalled for evict_after seconds: waiting for a request head, sending its body, or not reading its reply.
-      A request being served is never closed. If none may go, the newcomer is refused;
+    - at most max_connections are open. At the cap, the connection stalled longest makes room: one waiting for a
+      request head (it has asked nothing yet), or one stalled for evict_after seconds sending its body or not
+      reading its reply. A request being served is never closed. If none may go, the newcomer is refused;
     - whoever is refused, or closed before being answered, gets a 503 with Retry-After and a lingering close (FIN,
       then what it still sends is read and dropped for up to LINGER_S): closing a socket with unread input sends
       a TCP reset, and a reset can destroy the 503 before the client reads it;
@@ -820,8 +820,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport):
         if len(self.connections) >= self.max_connections and not self._make_room():
             self.transport = transport
-            events("connections", f"{self.max_connections} connections open, none stalled for {self.evict_after:g} s: "
-                                  "new ones refused with 503")
+            events("connections", f"{self.max_connections} connections open, all being served: new ones refused with 503")
             self._linger(BUSY_RESPONSE)
             return
         super().connection_made(transport)
@@ -831,24 +830,25 @@ class GuardedH11Protocol(H11Protocol):
         self._arm_head_timer()
 
     def stalled_since(self):
-        """Since when this connection has been holding its place without being served, or None if it is served."""
+        """(since when, whether it waits for a request head) for a connection holding its place without being
+        served; None while it is served."""
         if self.lingered or self.transport.is_closing():
             return None
         if self.paused_since is not None:
-            return self.paused_since  # the client is not reading its reply
+            return self.paused_since, False  # the client is not reading its reply
         cycle = self.cycle
         if cycle is None or cycle.response_complete:
-            return self.idle_since  # waiting for a request head
+            return self.idle_since, True
         if not cycle.response_started and self.conn.their_state is h11.SEND_BODY:
-            return self.request_since  # the body is still coming
+            return self.request_since, False  # the body is still coming
         return None
 
     def _make_room(self):
         now, stalled = time.monotonic(), []
         for c in self.connections:
-            since = c.stalled_since() if isinstance(c, GuardedH11Protocol) else None
-            if since is not None and now - since >= self.evict_after:
-                stalled.append((since, c))
+            found = c.stalled_since() if isinstance(c, GuardedH11Protocol) else None
+            if found is not None and (found[1] or now - found[0] >= self.evict_after):
+                stalled.append((found[0], c))
         if not stalled:
             return False
         victim = min(stalled, key=lambda x: x[0])[1]
@@ -884,9 +884,13 @@ class GuardedH11Protocol(H11Protocol):
         if type(self).lingering >= MAX_LINGERING or not transport.can_write_eof():
             transport.close()  # too many lingering already: plain close (the reply is still flushed first)
             return
+        try:
+            transport.write_eof()
+        except OSError:  # the client is gone already (e.g. it reset the connection)
+            transport.abort()
+            return
         type(self).lingering += 1
         self.counted = True
-        transport.write_eof()
         transport.resume_reading()
         self.linger_timer = self.loop.call_later(LINGER_S, transport.close)
 

@@ -24,7 +24,7 @@ import torch
 from bench import bench_serve
 from nanochat.engine import Engine
 from nanochat.tokenizer import Tokenizer
-from scripts.chat_web import EVICT_AFTER_S, MAX_BODY_BYTES, Worker, bind, create_app, make_server
+from scripts.chat_web import MAX_BODY_BYTES, Worker, bind, create_app, make_server
 from tests.helpers_tiny import ROOT, ScriptedModel, build_tiny
 
 KEY = "test-key-" + "x" * 24
@@ -237,7 +237,7 @@ def test_idle_connections_cannot_starve_the_server(server):
     try:
         for s in half:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the head never ends
-        time.sleep(EVICT_AFTER_S + 0.2)  # held open past the grace, they must not keep others out: the stalled make room
+        # held open, they must not keep others out: those waiting longest for a head make room
         assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
         # each is answered 503 (refused at the cap, or closed to make room) or closed at the head deadline: no resets
         deadline = time.time() + HEADER_TIMEOUT + 5
@@ -245,12 +245,12 @@ def test_idle_connections_cannot_starve_the_server(server):
     finally:
         for s in idle + half:
             s.close()
-    refused = [r for r in replies if r]
+    refused = [r for r in replies if r]  # closed to make room for newer ones
     assert all(r.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in r.lower() and r.endswith(b"}") for r in refused), \
         [r[-60:] for r in refused if not r.startswith(b"HTTP/1.1 503") or not r.endswith(b"}")]
     assert len(refused) >= 4 * MAX_CONNECTIONS + 5 - MAX_CONNECTIONS  # beyond the cap: none silently dropped
     new = server.log()[len(log_before):]
-    assert new.count("longest stalled") <= 1 and new.count("no complete request") == 1 and new.count("refused with 503") == 1, new
+    assert new.count("longest stalled") == 1 and new.count("no complete request") == 1, new
     assert len(new.splitlines()) <= 3, new
 
 
@@ -408,12 +408,21 @@ def test_upload_disconnect_is_one_log_line(server):
 
 
 def test_bench_serve_reports(server):
-    report = bench_serve.run(server.url, api_key=KEY, streams=5, burst=20, max_tokens=8, server_pid=server.proc.pid)
+    report = bench_serve.run(server.url, api_key=KEY, streams=5, burst=20, max_tokens=8, server_pid=server.proc.pid,
+                             fuzz=60, hostile=2 * MAX_CONNECTIONS, hostile_seconds=1.5)
     # the server's queue holds 3 besides the one running: some are refused, the others timed
     assert report["streams"]["ok"] + report["streams"]["refused"] == 5 and report["streams"]["errors"] == 0
     assert report["streams"]["ok"] >= 1 + MAX_QUEUE and report["streams"]["ttft_p50_s"] > 0 and report["streams"]["tokens_per_s"] > 0
     assert report["burst"]["ok"] + report["burst"]["refused"] == 20 and report["burst"]["errors"] == 0
     assert report["burst"]["p95_s"] >= report["burst"]["p50_s"] > 0 and report["server_rss_mb"]["after"] > 0
+    # the fuzz covers every numeric field at every extreme before mixing them; none of it is a 500
+    assert len(list(bench_serve.fuzz_bodies(1000))) == 1000 > len(bench_serve.NUMERIC_FIELDS) * len(bench_serve.EXTREMES)
+    fuzz = report["fuzz"]
+    assert fuzz["bodies"] == 60 and sum(fuzz["statuses"].values()) == 60 and fuzz["500s"] == 0 and fuzz["stream_errors"] == 0
+    assert set(fuzz["statuses"]) <= {200, 400}, fuzz
+    # twice as many hostile connections as the cap held open: /health still answers, with 200 or 503, never a failure
+    hostile = report["hostile"]
+    assert hostile["probes"] > 0 and hostile["errors"] == 0 and hostile["ok"] > 0 and hostile["p99_s"] >= hostile["p50_s"] > 0
 
 # -----------------------------------------------------------------------------
 # in-process servers
@@ -532,7 +541,7 @@ def test_connection_burst_past_the_cap_gets_503_never_a_reset(tiny_tokenizer):
                      max_queue=100)
     body = json.dumps({"messages": HELLO}).encode()
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     with serve(app, max_connections=8) as url:
         port = int(url.rsplit(":", 1)[1])
         socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(30)]
@@ -540,7 +549,7 @@ def test_connection_burst_past_the_cap_gets_503_never_a_reset(tiny_tokenizer):
             for s in socks:
                 s.sendall(request)  # each sends its whole request at once, as a real client would
             deadline = time.time() + 60
-            replies = [read_to_eof(s, deadline) if i >= 8 else s.recv(65536) for i, s in enumerate(socks)]
+            replies = [read_to_eof(s, deadline) for s in socks]
         finally:
             for s in socks:
                 s.close()
@@ -565,13 +574,19 @@ def test_half_sent_bodies_do_not_lock_out_health(tiny_tokenizer):
             time.sleep(0.4)  # past evict_after: the uploads may now be closed to make room
             for _ in range(10):
                 assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-            deadline = time.time() + 10
-            oldest, refused = read_to_eof(uploads[0], deadline), read_to_eof(uploads[-1], deadline)
+            deadline = time.time() + 0.5  # the 503s went out before /health was answered
+            replies = []
+            for s in uploads:  # answered and closed, or still waiting for the rest of its body (no reset either way)
+                try:
+                    replies.append(read_to_eof(s, deadline))
+                except socket.timeout:
+                    replies.append(None)
         finally:
             for s in uploads:
                 s.close()
-        for reply in (oldest, refused):  # made room for /health; refused at the cap
-            assert reply.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in reply.lower() and reply.endswith(b"}"), reply
+        answered = [r for r in replies if r is not None]
+        assert all(r.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in r.lower() and r.endswith(b"}") for r in answered), answered
+        assert len(answered) >= 3, replies  # two past the cap when they came, one (at least) to make room for /health
         stats = httpx.get(f"{url}/stats", timeout=10).json()
         assert stats["pending_requests"] == 0 and stats["workers"][0]["busy"] is False
 
