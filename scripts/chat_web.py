@@ -9,7 +9,10 @@ Endpoints:
     GET  /                     chat UI (no external assets: works offline)
     POST /chat/completions     {"messages": [...], "temperature", "top_k", "max_tokens", "seed"} ->
                                SSE `data: {"token": "...", "gpu": 0}` ... `data: {"done": true}`
-    POST /v1/chat/completions  OpenAI chat completions (stream true/false, n, seed; top_k as an extra field)
+    POST /v1/chat/completions  OpenAI chat completions: stream (with stream_options.include_usage), n, seed, stop,
+                               logprobs/top_logprobs, max_(completion_)tokens; top_k as an extra field. Fields it
+                               cannot honour (tools, response_format, top_p, ...) are a 400 naming the field unless
+                               set to their "off" value; unknown fields are a 400 too, as with OpenAI.
     GET  /v1/models, /health, /stats
 
 Each request borrows one free worker (a model replica) from an asyncio queue and generates in a thread, so
@@ -20,10 +23,13 @@ Hostile clients: every request is checked before the app reads it (Host header a
 and --allowed-hosts, which defeats DNS rebinding; `Authorization: Bearer` with --api-key on every route but
 /health; POSTs must be application/json, and a Content-Length over the limit is refused unread), bodies are
 read up to the limit and within a deadline, each connection has a deadline for its request head, open
-connections are capped (at the cap the one idle longest is closed to make room), the queue for workers is
-bounded (503 with Retry-After beyond it), and a client that goes away stops its generation. Errors are 4xx
-JSON in OpenAI's format ({"error": {"message", "type", "param", "code"}}); a 500 says only "internal error".
-Repeated events (connections refused or timed out, uploads abandoned) are logged once, then counted.
+connections are capped (at the cap one waiting for its head, or stalled sending its body or reading its reply,
+makes room), whoever is turned away gets a 503 with Retry-After and a lingering close (never a TCP reset), a
+reply nobody reads is dropped after --write-timeout, the queue for workers is bounded (503 with Retry-After
+beyond it), and a client that goes away stops its generation (one that only half-closes still gets its reply).
+Errors are 4xx JSON in OpenAI's format ({"error": {"message", "type", "param", "code"}}); a 500 says only
+"internal error". Repeated events, tracebacks included (connections refused or timed out, uploads abandoned,
+a bug a request sets off), are logged once, then counted: no client can make the log grow without bound.
 """
 
 import argparse
@@ -926,7 +932,12 @@ class GuardedH11Protocol(H11Protocol):
         if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             self._abort()  # the last probe was reset: nobody will read the reply
             return
-        self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
+        if self.conn.their_http_version != b"1.1":
+            return  # HTTP/1.0 has no interim responses: its reply tells
+        try:
+            self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
+        except h11.LocalProtocolError:
+            return
         self.probe_timer = self.loop.call_later(interval, self._probe, min(2 * interval, 4.0))
 
     def send_400_response(self, msg):
