@@ -13,7 +13,7 @@ import torch
 from nanochat.common import autocast_context
 from nanochat.decode import Decoder
 from nanochat.execution import use_calculator
-from nanochat.gpt import KVCache, sample_next_token
+from nanochat.gpt import KVCache, check_sampling, sample_next_token
 
 
 class RowState:
@@ -65,9 +65,13 @@ class Engine:
         return decoder
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        """Yields (token_column, token_masks) per step: one token per sample; mask 0 marks forced tool output."""
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, logprobs=None):
+        """Yields (token_column, token_masks) per step: one token per sample; mask 0 marks forced tool output.
+        logprobs=k (0 or more): yields (token_column, token_masks, rows) instead, where rows[i] is (logprob of row i's
+        token, [(id, logprob)] of its k likeliest), log-probabilities of the model's own distribution (before
+        temperature and top-k)."""
         assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "tokens must be a non-empty list of ids"
+        temperature, top_k = check_sampling(temperature, top_k)  # a bad value fails here, before any work
         device = self.model.get_device()
         rng = torch.Generator(device=device).manual_seed(seed)
         # The cache must hold the prompt plus every generated token; the model's context bounds the total.
@@ -101,7 +105,13 @@ class Engine:
                     column.append(token)
                     masks.append(0 if forced else 1)
                     self._track(row, token)
-                yield column, masks
+                if logprobs is None:
+                    yield column, masks
+                else:
+                    lp = torch.log_softmax(logits.float(), dim=-1)
+                    chosen = lp.gather(-1, torch.tensor(column, device=lp.device)[:, None])[:, 0].tolist()
+                    top_lp, top_ids = lp.topk(min(logprobs, lp.size(-1)), dim=-1)
+                    yield column, masks, [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_ids.tolist(), top_lp.tolist())]
                 if all(row.done for row in rows):
                     break
                 logits = step(torch.tensor(column, dtype=torch.long, device=device)[:, None])

@@ -458,12 +458,28 @@ def gpt_on_meta(config):
         return GPT(config)
 
 
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: fp32 logits / T overflow near T = 1e-38, softmax gives NaN
+
+
+def check_sampling(temperature, top_k=None):
+    """(temperature, top_k) as sample_next_token takes them, or a ValueError naming the bad one. Every sampling
+    path (Engine, GPT.generate, chat_cli, chat_eval, chat_web) goes through here."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be a whole number >= 1 (0 or None: no limit), got {top_k!r}")
+    return float(temperature), (top_k or None)
+
+
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """logits (B, V) -> ids (B, 1): greedy at temperature 0, else sampled (optionally from the top k)."""
-    if temperature == 0.0:
+    """logits (B, V) -> ids (B, 1): greedy at temperature 0 (or below MIN_TEMPERATURE), else sampled (optionally
+    from the top k)."""
+    temperature, top_k = check_sampling(temperature, top_k)
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1, keepdim=True)
     if top_k is not None:
         vals, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        choice = torch.multinomial(F.softmax(vals / temperature, dim=-1), 1, generator=rng)
+        choice = torch.multinomial(F.softmax(vals.float() / temperature, dim=-1), 1, generator=rng)
         return idx.gather(-1, choice)
-    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+    return torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1, generator=rng)

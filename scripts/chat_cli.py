@@ -13,6 +13,7 @@ from nanochat.checkpoint import load_model
 from nanochat.common import autodetect_device_type, compute_init
 from nanochat.decode import for_inference
 from nanochat.engine import Engine, StreamDecoder
+from nanochat.gpt import check_sampling
 
 parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
 parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
@@ -25,6 +26,10 @@ parser.add_argument("--max-tokens", type=int, default=1024, help="maximum tokens
 parser.add_argument("--seed", type=int, default=42)
 parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
 args = parser.parse_args()
+try:
+    check_sampling(args.temperature, args.top_k)
+except ValueError as e:
+    parser.error(str(e))
 
 _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
 try:

@@ -28,6 +28,7 @@ from nanochat.common import (autocast_context, autodetect_device_type, compute_c
                              get_base_dir, print0)
 from nanochat.decode import for_inference
 from nanochat.engine import Engine
+from nanochat.gpt import check_sampling
 from nanochat.report import get_report
 
 TASK_NAMES = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
@@ -213,6 +214,10 @@ def main(argv=None):
                              "batches of 4 per rank (0: off)")
     parser.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
     args = parser.parse_args(argv)
+    try:
+        check_sampling(args.temperature, args.top_k)
+    except ValueError as e:
+        parser.error(str(e))
 
     names = TASK_NAMES if args.task_name == "all" else [n for n in args.task_name.split("|") if n]
     for name in names:

@@ -99,3 +99,30 @@ def test_stream_decoder_never_splits_utf8(tiny):
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
     assert sum(1 for p in pieces if p) > 5  # still streamed piece by piece, not all at the end
+
+
+def test_tiny_temperatures_are_greedy_and_bad_ones_are_refused(tiny):
+    from nanochat.gpt import MIN_TEMPERATURE, check_sampling, sample_next_token
+    gen = torch.Generator().manual_seed(0)
+    logits = 15 * torch.tanh(torch.randn(4, 400, generator=gen) / 2)  # soft-capped like the model's
+    # 1e-45 (a float32 denormal) and 1e-38 used to overflow logits / T, so softmax gave NaN and multinomial raised
+    for t in (1e-45, 1e-38, 1e-20, MIN_TEMPERATURE / 2):
+        for top_k in (None, 1, 50):
+            for x in (logits, logits.bfloat16()):
+                assert torch.equal(sample_next_token(x, gen, t, top_k), x.argmax(-1, keepdim=True)), (t, top_k, x.dtype)
+    sampled = sample_next_token(logits[:1].expand(64, -1), gen, 1.0)  # above the floor: sampling proper
+    assert len(set(sampled[:, 0].tolist())) > 1
+    for bad in (float("nan"), float("inf"), -float("inf"), -1e-45, True, "0.5", None):
+        with pytest.raises(ValueError, match="temperature"):
+            check_sampling(bad)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            check_sampling(1.0, bad)
+    assert check_sampling(0, 0) == (0.0, None)
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        next(engine.generate(prompt_ids(tokenizer, "hello"), temperature=float("nan")))
+    (reply,), _ = engine.generate_batch(prompt_ids(tokenizer, "hello"), max_tokens=20, temperature=1e-45, top_k=1)
+    (ref,), _ = engine.generate_batch(prompt_ids(tokenizer, "hello"), max_tokens=20, temperature=0.0)
+    assert reply == ref

@@ -215,3 +215,109 @@ def test_client_disconnect_stops_generation_and_frees_the_worker(tiny):
         assert stats["workers"][0]["busy"] is False and stats["tokens_generated"] < 100
         r = client.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 3})
         assert r.json()["choices"][0]["message"]["content"] == tokenizer.decode(script[:3])
+
+# -----------------------------------------------------------------------------
+# OpenAI API: stop, n, logprobs, seed, refused fields (issue 30), through the official client, streaming and not
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """(openai client, tiny model, tokenizer) against one server shared by the tests below."""
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("nanochat_base_api")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(base))
+        model, tokenizer, _ = load_tiny(base)
+    app = create_app([Worker(gpu_id=0, engine=Engine(model, tokenizer))], model_name="nanochat-tiny", max_tokens=64)
+    with serve_in_thread(app) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30), model, tokenizer
+
+
+def stream_texts(chunks, n=1):
+    """Per choice: (content, finish_reason, logprob entries) from a list of streamed chunks."""
+    texts, reasons, entries = [""] * n, [None] * n, [[] for _ in range(n)]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+            if choice.logprobs is not None and choice.logprobs.content:
+                entries[choice.index] += choice.logprobs.content
+    return texts, reasons, entries
+
+
+def test_openai_stop_cuts_the_reply_before_the_stop_text(api):
+    client, _, _ = api
+    assert HELLO_REPLY.startswith("Hello! I am a tiny model.")  # the greedy reply the cases below cut
+    for stop, expected in [("tiny", "Hello! I am a "), (["zebra", " model", "I am"], "Hello! "), ("!", "Hello"),
+                           (["Hello"], ""), ("not in the reply", HELLO_REPLY)]:
+        r = client.chat.completions.create(model="x", messages=HELLO, temperature=0, stop=stop)
+        reason = "stop"  # a stop sequence, or the model's own end of reply
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == (expected, reason), stop
+        chunks = list(client.chat.completions.create(model="x", messages=HELLO, temperature=0, stop=stop, stream=True,
+                                                     stream_options={"include_usage": True}))
+        texts, reasons, _ = stream_texts(chunks)
+        assert (texts[0], reasons[0]) == (expected, reason), stop
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # cut by a stop sequence, the reply counts only the tokens sampled up to it
+    full = client.chat.completions.create(model="x", messages=HELLO, temperature=0)
+    cut = client.chat.completions.create(model="x", messages=HELLO, temperature=0, stop="tiny")
+    assert 0 < cut.usage.completion_tokens < full.usage.completion_tokens
+
+
+def test_openai_n_samples_with_stop_and_seed(api):
+    client, _, _ = api
+    ask = dict(model="x", messages=[{"role": "user", "content": "tell me about the owl"}], temperature=1.0, max_tokens=12)
+    a = client.chat.completions.create(n=4, seed=11, **ask)
+    b = client.chat.completions.create(n=4, seed=11, **ask)
+    c = client.chat.completions.create(n=4, seed=12, **ask)
+    texts = lambda r: [x.message.content for x in r.choices]
+    assert [x.index for x in a.choices] == [0, 1, 2, 3]
+    assert texts(a) == texts(b) and texts(a) != texts(c) and len(set(texts(a) + texts(c))) > 1
+    # streamed with the same seed: the same four replies, interleaved by index
+    chunks = list(client.chat.completions.create(n=4, seed=11, stream=True, **ask))
+    assert stream_texts(chunks, 4)[0] == texts(a)
+    # a stop sequence cuts each sample on its own
+    cut = client.chat.completions.create(n=4, seed=11, stop=" ", **ask)
+    for full, part, choice in zip(texts(a), texts(cut), cut.choices):
+        assert part == full.split(" ")[0] and choice.finish_reason == ("stop" if " " in full else choice.finish_reason)
+
+
+def test_openai_logprobs_are_the_models_own(api):
+    client, model, tokenizer = api
+    r = client.chat.completions.create(model="x", messages=HELLO, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == r.choices[0].message.content == HELLO_REPLY
+    ids = tokenizer.encode(HELLO_REPLY)
+    assert [bytes(e.bytes) for e in content] == [tokenizer.enc.decode_single_token_bytes(t) for t in ids]
+    # the reference: one forward pass over prompt + reply, log-softmax at each reply position
+    prompt = tokenizer.render_for_completion({"messages": HELLO})
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt + ids]))[0, len(prompt) - 1:-1].float(), dim=-1)
+    for i, (e, t) in enumerate(zip(content, ids)):
+        assert abs(e.logprob - ref[i, t].item()) < 1e-4
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token  # greedy: the likeliest
+        assert [x.logprob for x in e.top_logprobs] == sorted((x.logprob for x in e.top_logprobs), reverse=True)
+    # streamed: the same entries; logprobs without top_logprobs: none of the alternatives
+    chunks = list(client.chat.completions.create(model="x", messages=HELLO, temperature=0, logprobs=True, stream=True))
+    _, _, entries = stream_texts(chunks)
+    assert [(e.token, round(e.logprob, 5)) for e in entries[0]] == [(e.token, round(e.logprob, 5)) for e in content]
+    assert all(e.top_logprobs == [] for e in entries[0])
+    assert client.chat.completions.create(model="x", messages=HELLO, max_tokens=3).choices[0].logprobs is None
+
+
+def test_openai_unsupported_fields_are_refused_by_name(api):
+    client, _, _ = api
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for kwargs, field in [({"tools": [tool]}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
+                          ({"tool_choice": "required"}, "tool_choice"), ({"top_p": 0.5}, "top_p"),
+                          ({"presence_penalty": 1.0}, "presence_penalty"), ({"logit_bias": {"5": 10}}, "logit_bias"),
+                          ({"extra_body": {"min_p": 0.1}}, "min_p"), ({"stop": ["a"] * 5}, "stop"), ({"stop": [""]}, "stop"),
+                          ({"stop": 7}, "stop"), ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                          ({"logprobs": "yes"}, "logprobs"), ({"stream": True, "stream_options": {"include_usage": "y"}}, "stream_options")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="x", messages=HELLO, max_tokens=2, **kwargs)
+        assert e.value.body["param"] == field and field in e.value.body["message"], (kwargs, e.value.body)
+    # their "off" values are fine: what a client sends by default must not fail
+    r = client.chat.completions.create(model="x", messages=HELLO, max_tokens=2, top_p=1, presence_penalty=0, tools=[],
+                                       response_format={"type": "text"}, user="someone", logprobs=False, stop=[])
+    assert r.choices[0].finish_reason == "length"

@@ -216,6 +216,20 @@ def test_body_limits_are_enforced_before_and_while_reading(server):
 # 8: idle and half-sent connections time out, the connection cap holds, and each is logged once
 
 
+def read_to_eof(s, deadline):
+    """Everything the server sends before it closes (a reset counts as a close: the test fails on what came before)."""
+    chunks = []
+    while True:
+        s.settimeout(max(0.1, deadline - time.time()))
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return b"".join(chunks) + b"<reset>"
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def test_idle_connections_cannot_starve_the_server(server):
     log_before = server.log()
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(4 * MAX_CONNECTIONS)]
@@ -223,22 +237,20 @@ def test_idle_connections_cannot_starve_the_server(server):
     try:
         for s in half:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the head never ends
-        t0 = time.time()  # held open, they must not keep others out: the idlest make room
-        r = httpx.get(f"{server.url}/health", timeout=5)
-        assert r.status_code == 200 and time.time() - t0 < 2
-        # every one of them is closed by the server by the head deadline
+        # held open, they must not keep others out: those waiting longest for a head make room
+        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        # each is answered 503 (refused at the cap, or closed to make room) or closed at the head deadline: no resets
         deadline = time.time() + HEADER_TIMEOUT + 5
-        for s in idle + half:
-            s.settimeout(max(0.1, deadline - time.time()))
-            try:
-                assert s.recv(1024) == b""
-            except ConnectionResetError:
-                pass
+        replies = [read_to_eof(s, deadline) for s in idle + half]
     finally:
         for s in idle + half:
             s.close()
+    refused = [r for r in replies if r]  # closed to make room for newer ones
+    assert all(r.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in r.lower() and r.endswith(b"}") for r in refused), \
+        [r[-60:] for r in refused if not r.startswith(b"HTTP/1.1 503") or not r.endswith(b"}")]
+    assert len(refused) >= 4 * MAX_CONNECTIONS + 5 - MAX_CONNECTIONS  # beyond the cap: none silently dropped
     new = server.log()[len(log_before):]
-    assert new.count("closing the idlest") == 1 and new.count("no complete request") == 1, new
+    assert new.count("longest stalled") == 1 and new.count("no complete request") == 1, new
     assert len(new.splitlines()) <= 3, new
 
 
@@ -258,25 +270,39 @@ def test_connection_cap_refuses_with_503_when_all_are_busy(tiny_tokenizer):
 # 9: a bounded queue (503 + Retry-After past it), and a non-streaming client that leaves stops its generation
 
 
-def test_burst_past_the_queue_gets_503_with_retry_after(tiny_tokenizer):
-    script = tiny_tokenizer.encode(" la" * 10) + [tiny_tokenizer.encode_special("<|assistant_end|>")]  # ~0.4 s each
-    model = SlowModel(script, tiny_tokenizer.get_vocab_size(), sequence_len=512)
-    app = create_app([Worker(gpu_id=0, engine=Engine(model, tiny_tokenizer))], max_queue=MAX_QUEUE)
-    with serve(app) as url:
-        start = threading.Barrier(20)
+def wait_for(predicate, what, timeout=20.0):
+    """Polls until predicate() is true; fails naming `what` after `timeout` s (a bound, not a measurement)."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
-        def call(client):
-            start.wait(10)  # all at once
-            return client.post(f"{url}/v1/chat/completions", json={"messages": HELLO})
-        with httpx.Client(timeout=30) as client, ThreadPoolExecutor(20) as pool:
-            replies = list(pool.map(call, [client] * 20, timeout=60))
+
+def test_burst_past_the_queue_gets_503_with_retry_after(tiny_tokenizer):
+    # the worker is held on its first request until the burst has been sorted: exactly MAX_QUEUE of the burst
+    # are admitted however slow the machine is, then all of those are served
+    script = tiny_tokenizer.encode(" la" * 3) + [tiny_tokenizer.encode_special("<|assistant_end|>")]
+    gate = threading.Event()
+    model = GatedModel(script, tiny_tokenizer.get_vocab_size(), gate=gate)
+    app = create_app([Worker(gpu_id=0, engine=Engine(model, tiny_tokenizer))], max_queue=MAX_QUEUE)
+    with serve(app) as url, httpx.Client(timeout=30) as client, ThreadPoolExecutor(20) as pool:
+        call = lambda _: httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO}, timeout=60)
+        first = pool.submit(call, 0)
+        wait_for(lambda: client.get(f"{url}/stats").json()["workers"][0]["busy"], "the first request to run")
+        burst = [pool.submit(call, i) for i in range(19)]
+        wait_for(lambda: sum(f.done() for f in burst) == 19 - MAX_QUEUE, "the refusals")
+        assert client.get(f"{url}/stats").json()["pending_requests"] == 1 + MAX_QUEUE
+        gate.set()
+        replies = [first.result(60)] + [f.result(60) for f in burst]
         codes = [r.status_code for r in replies]
-        assert set(codes) <= {200, 503} and codes.count(200) == 1 + MAX_QUEUE, codes  # one running, three waiting
+        assert codes.count(200) == 1 + MAX_QUEUE and codes.count(503) == 19 - MAX_QUEUE, codes  # one ran, three waited
         for r in replies:
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "1" and "busy" in r.json()["error"]["message"]
-        stats = httpx.get(f"{url}/stats").json()
-        assert stats["pending_requests"] == 0 and stats["waiting_requests"] == 0 and stats["refused_busy"] == 20 - 1 - MAX_QUEUE
+            else:
+                assert r.json()["choices"][0]["message"]["content"] == " la" * 3
+        stats = client.get(f"{url}/stats").json()
+        assert stats["pending_requests"] == 0 and stats["waiting_requests"] == 0 and stats["refused_busy"] == 19 - MAX_QUEUE
 
 
 def test_non_streaming_client_that_leaves_stops_generation(tiny_tokenizer):
@@ -382,12 +408,21 @@ def test_upload_disconnect_is_one_log_line(server):
 
 
 def test_bench_serve_reports(server):
-    report = bench_serve.run(server.url, api_key=KEY, streams=5, burst=20, max_tokens=8, server_pid=server.proc.pid)
+    report = bench_serve.run(server.url, api_key=KEY, streams=5, burst=20, max_tokens=8, server_pid=server.proc.pid,
+                             fuzz=60, hostile=2 * MAX_CONNECTIONS, hostile_seconds=1.5)
     # the server's queue holds 3 besides the one running: some are refused, the others timed
     assert report["streams"]["ok"] + report["streams"]["refused"] == 5 and report["streams"]["errors"] == 0
     assert report["streams"]["ok"] >= 1 + MAX_QUEUE and report["streams"]["ttft_p50_s"] > 0 and report["streams"]["tokens_per_s"] > 0
     assert report["burst"]["ok"] + report["burst"]["refused"] == 20 and report["burst"]["errors"] == 0
     assert report["burst"]["p95_s"] >= report["burst"]["p50_s"] > 0 and report["server_rss_mb"]["after"] > 0
+    # the fuzz covers every numeric field at every extreme before mixing them; none of it is a 500
+    assert len(list(bench_serve.fuzz_bodies(1000))) == 1000 > len(bench_serve.NUMERIC_FIELDS) * len(bench_serve.EXTREMES)
+    fuzz = report["fuzz"]
+    assert fuzz["bodies"] == 60 and sum(fuzz["statuses"].values()) == 60 and fuzz["500s"] == 0 and fuzz["stream_errors"] == 0
+    assert set(fuzz["statuses"]) <= {200, 400}, fuzz
+    # twice as many hostile connections as the cap held open: /health still answers, with 200 or 503, never a failure
+    hostile = report["hostile"]
+    assert hostile["probes"] > 0 and hostile["errors"] == 0 and hostile["ok"] > 0 and hostile["p99_s"] >= hostile["p50_s"] > 0
 
 # -----------------------------------------------------------------------------
 # in-process servers
@@ -396,6 +431,18 @@ def test_bench_serve_reports(server):
 class SlowModel(ScriptedModel):
     def forward(self, idx, kv_cache=None):
         time.sleep(0.02)
+        return super().forward(idx, kv_cache)
+
+
+class GatedModel(ScriptedModel):
+    """Waits for `gate` before each forward pass."""
+
+    def __init__(self, script, vocab_size, gate, **kwargs):
+        super().__init__(script, vocab_size, **kwargs)
+        self.gate = gate
+
+    def forward(self, idx, kv_cache=None):
+        assert self.gate.wait(60), "the test never opened the gate"
         return super().forward(idx, kv_cache)
 
 
@@ -424,3 +471,183 @@ def serve(app, **limits):
         server.should_exit = True
         thread.join(20)
         sock.close()
+
+# -----------------------------------------------------------------------------
+# issue 30: no 500s, no lock-out, no silent resets
+
+OWL = [{"role": "user", "content": "tell me about the owl"}]
+
+
+def owl_body(temperature, top_k=1, **extra):
+    """A raw JSON body, so that 1e-45, -0.0, NaN or Infinity reach the server as written."""
+    rest = "".join(f', "{k}": {json.dumps(v)}' for k, v in extra.items())
+    return (f'{{"messages": {json.dumps(OWL)}, "temperature": {temperature}, "top_k": {top_k}, "max_tokens": 8{rest}}}').encode()
+
+
+def test_tiny_temperatures_reply_as_greedy_and_bad_ones_are_400(server):
+    with server.client() as client:
+        post = lambda path, body: client.post(path, content=body, headers={"content-type": "application/json"})
+        greedy = post("/v1/chat/completions", owl_body(0)).json()["choices"][0]["message"]["content"]
+        assert greedy
+        for t in ("1e-45", "1e-38", "5e-324", "1e-400", "-0.0", "0.000001"):
+            for top_k in (1, 50):
+                r = post("/v1/chat/completions", owl_body(t, top_k))
+                assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy, (t, r.text[:200])
+                r = post("/v1/chat/completions", owl_body(t, top_k, stream=True))
+                assert r.status_code == 200 and '"error"' not in r.text and r.text.endswith("data: [DONE]\n\n"), (t, r.text[-200:])
+                records = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+                assert "".join(c["choices"][0]["delta"].get("content", "") for c in records if c["choices"]) == greedy
+                r = post("/chat/completions", owl_body(t, top_k))
+                tokens = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: ")]
+                assert tokens[-1] == {"done": True} and "".join(x["token"] for x in tokens[:-1]) == greedy, (t, r.text[:200])
+        for t in ("NaN", "Infinity", "-Infinity", "-1e-45", "2.0000001", "1e309"):
+            for path in ("/v1/chat/completions", "/chat/completions"):
+                r = post(path, owl_body(t))
+                assert_clean_error(r, 400)
+                assert r.json()["error"]["param"] == "temperature" and "temperature" in r.json()["error"]["message"], (t, r.text)
+
+
+def test_malformed_chunked_body_gets_one_answer_and_one_log_line(server):
+    log_before = server.log()
+    for i in range(30):
+        head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        reply = raw_request(server.port, head + b"zz\r\nhello\r\n" if i % 2 else head + b"5\r\nhello\r\nnot-a-size\r\n", wait=3)
+        assert reply.count(b"HTTP/1.1 ") == 1 and reply.split(b" ")[1] in (b"200", b"400"), reply  # one answer, never two
+    time.sleep(0.3)  # anything else it would log comes now
+    new = server.log()[len(log_before):]
+    assert "Traceback" not in new and "LocalProtocolError" not in new and len(new.splitlines()) <= 1, new
+    with server.client() as client:
+        assert client.get("/health").status_code == 200
+
+
+def test_tracebacks_are_logged_once_then_counted(tiny_tokenizer, caplog):
+    app = create_app([Worker(gpu_id=0, engine=Engine(ScriptedModel([0], tiny_tokenizer.get_vocab_size()), tiny_tokenizer))])
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug a client can trigger")
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        for _ in range(30):
+            r = client.get("/boom")
+            assert r.status_code == 500 and r.json()["error"]["message"] == "internal error"
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "a bug a client can trigger" in caplog.text, caplog.text[-2000:]
+    assert caplog.text.count("unexpected error answering GET /boom") == 1
+
+
+def test_connection_burst_past_the_cap_gets_503_never_a_reset(tiny_tokenizer):
+    script = tiny_tokenizer.encode(" la" * 5) + [tiny_tokenizer.encode_special("<|assistant_end|>")]
+    app = create_app([Worker(gpu_id=0, engine=Engine(SlowModel(script, tiny_tokenizer.get_vocab_size()), tiny_tokenizer))],
+                     max_queue=100)
+    body = json.dumps({"messages": HELLO}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    with serve(app, max_connections=8) as url:
+        port = int(url.rsplit(":", 1)[1])
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(30)]
+        try:
+            for s in socks:
+                s.sendall(request)  # each sends its whole request at once, as a real client would
+            deadline = time.time() + 60
+            replies = [read_to_eof(s, deadline) for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+    codes = [r.split(b" ")[1] if r.startswith(b"HTTP/1.1 ") else r[:40] for r in replies]
+    assert all(c in (b"200", b"503") for c in codes), codes  # never a reset, never silence
+    assert 1 <= codes.count(b"200") <= 8 and codes.count(b"200") + codes.count(b"503") == 30, codes
+    for r in replies:
+        if r.startswith(b"HTTP/1.1 503"):
+            assert b"retry-after: 1" in r.lower() and json.loads(r.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+
+
+def test_half_sent_bodies_do_not_lock_out_health(tiny_tokenizer):
+    app = create_app([Worker(gpu_id=0, engine=Engine(ScriptedModel([0], tiny_tokenizer.get_vocab_size()), tiny_tokenizer))])
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    with serve(app, max_connections=8, evict_after=0.2) as url:  # bodies may take 30 s (the default) to arrive
+        port = int(url.rsplit(":", 1)[1])
+        uploads = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(10)]
+        try:
+            for s in uploads:
+                s.sendall(head + b'{"messages": [')  # and the rest never comes
+            time.sleep(0.4)  # past evict_after: the uploads may now be closed to make room
+            for _ in range(10):
+                assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+            deadline = time.time() + 0.5  # the 503s went out before /health was answered
+            replies = []
+            for s in uploads:  # answered and closed, or still waiting for the rest of its body (no reset either way)
+                try:
+                    replies.append(read_to_eof(s, deadline))
+                except socket.timeout:
+                    replies.append(None)
+        finally:
+            for s in uploads:
+                s.close()
+        answered = [r for r in replies if r is not None]
+        assert all(r.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in r.lower() and r.endswith(b"}") for r in answered), answered
+        assert len(answered) >= 3, replies  # two past the cap when they came, one (at least) to make room for /health
+        stats = httpx.get(f"{url}/stats", timeout=10).json()
+        assert stats["pending_requests"] == 0 and stats["workers"][0]["busy"] is False
+
+
+def test_client_that_half_closes_after_its_request_gets_the_reply(server):
+    with server.client() as client:
+        greedy = client.post("/v1/chat/completions", content=owl_body(0), headers={"content-type": "application/json"}).json()
+    for stream in (False, True):
+        body = owl_body(0, stream=stream)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+            s.sendall(post_head("/v1/chat/completions", len(body)) + body)
+            s.shutdown(socket.SHUT_WR)  # "that is all I send": the reply must still come
+            reply = read_to_eof(s, time.time() + 20)
+        while reply.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):  # interim answers a client skips
+            reply = reply[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+        payload = reply.split(b"\r\n\r\n", 1)[1]
+        if stream:
+            # chunked: complete up to its last (empty) chunk, with every finish reason and the [DONE] record
+            assert payload.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n") and b'"finish_reason": "' in payload, payload[-300:]
+        else:
+            assert json.loads(payload)["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+
+
+def test_two_authorization_headers_are_refused(server):
+    body = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
+    for second in (KEY, "wrong"):
+        head = post_head("/v1/chat/completions", len(body), extra=f"Authorization: Bearer {second}\r\nConnection: close\r\n")
+        reply = raw_request(server.port, head + body, wait=5)
+        assert reply.startswith(b"HTTP/1.1 400") and b"more than one Authorization" in reply, reply[:300]
+    assert raw_request(server.port, post_head("/v1/chat/completions", len(body), extra="Connection: close\r\n") + body,
+                       wait=5).startswith(b"HTTP/1.1 200")
+
+
+def test_host_port_must_be_a_port(server):
+    with server.client() as client:
+        for host in ("localhost:abc", f"127.0.0.1:{server.port}@evil.example", "localhost:0", "localhost:65536",
+                     "localhost:", f"localhost:{server.port}:1", "local host", "[::1", "[::1]x"):
+            r = client.get("/v1/models", headers={"Host": host})
+            assert_clean_error(r, 400)
+        for host in (f"localhost:{server.port}", "LOCALHOST", "127.0.0.1:1", f"[::1]:{server.port}"):
+            assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host
+
+
+def test_client_that_stops_reading_is_dropped_at_the_write_deadline(tiny_tokenizer, caplog):
+    script = tiny_tokenizer.encode(" la" * 2000)
+    model = SlowModel(script, tiny_tokenizer.get_vocab_size(), sequence_len=4096)
+    app = create_app([Worker(gpu_id=0, engine=Engine(model, tiny_tokenizer))], max_tokens=4000)
+    body = json.dumps({"messages": HELLO, "stream": True, "n": 8, "max_tokens": 3000}).encode()
+    with serve(app, write_timeout=0.3) as url, httpx.Client(base_url=url, timeout=10) as client:
+        port = int(url.rsplit(":", 1)[1])
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffers fill soon
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            # it reads nothing: at the deadline the server drops it, and the generation stops
+            wait_for(lambda: client.get("/stats").json()["requests"] == 1, "the generation to stop", timeout=60)
+        finally:
+            s.close()
+        stats = client.get("/stats").json()
+        assert stats["tokens_generated"] < 8 * 3000 // 2 and stats["pending_requests"] == 0 and not stats["workers"][0]["busy"]
+    assert caplog.text.count("read none of its reply") == 1, caplog.text[-2000:]
