@@ -1,6 +1,8 @@
 """The fixed-shape decode step (nanochat.decode, a CUDA graph on GPU) run eagerly on CPU: the same logits and
 greedy tokens as GPT.forward's KV-cache path, through Engine too (several rows, GQA, seeded sampling, reuse)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -98,6 +100,90 @@ def test_decode_step_carries_every_model_switch():
     fresh.prefill(prefill)
     full = model(torch.cat([prompt.expand(2, -1), torch.tensor([[1], [2]])], dim=1))[:, -1]
     torch.testing.assert_close(fresh.step(torch.tensor([[1], [2]])), full, rtol=0, atol=1e-4)
+
+
+class _CudaOnCpu:
+    """Stand-ins for the torch.cuda stream and graph calls of Decoder._capture, so its warm-up runs on CPU. A real
+    capture records kernels without running them, so the cache as it stands when the graph context opens is the
+    state every replay starts from: the fake context keeps a copy of it (its own body then runs eagerly)."""
+
+    def __init__(self, decoder, monkeypatch):
+        fake = self
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def __init__(self):
+                self.pointers = None  # the addresses a captured graph would read and write
+
+            def replay(self):
+                pass
+
+        @contextlib.contextmanager
+        def graph(g, capture_error_mode=None):
+            fake.captured_from = _decode_state(decoder.cache)
+            g.pointers = {name: t.data_ptr() for name, t in _decode_tensors(decoder.cache).items()}
+            yield
+
+        self.captured_from = None
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        decoder.cuda_graph = True  # the constructor refuses it off CUDA
+
+
+def _decode_tensors(cache):
+    named = {"pos": cache.pos, "prev_embedding": cache.prev_embedding}
+    named.update({f"k{i}": t for i, t in enumerate(cache.k)})
+    named.update({f"v{i}": t for i, t in enumerate(cache.v)})
+    return named
+
+
+def _decode_state(cache):
+    return {name: t.clone() for name, t in _decode_tensors(cache).items()}
+
+
+def _smear_prefill(model, prompt):
+    c = model.config
+    cache = KVCache(1, c.n_kv_head, len(prompt), c.n_embd // c.n_head, c.n_layer)
+    model(torch.tensor([prompt]), kv_cache=cache)
+    return cache
+
+
+@torch.inference_mode()
+def test_graph_is_captured_from_the_prefilled_state_and_prefill_keeps_its_tensors(monkeypatch):
+    """With the smear gate: the CUDA-graph warm-up runs real steps, which write pos, the k/v slot at pos and the
+    previous embedding; all of it must be back as prefill left it when the graph is recorded. A later prefill
+    must write into the same tensors the graph reads (not new ones), and decoding on from it must equal
+    GPT.forward's KV-cache path."""
+    from tests.test_gpt import FULL, randomized
+    model = randomized(FULL, seed=1)
+    c = model.config
+    decoder = Decoder(model, 2, 20)
+    fake = _CudaOnCpu(decoder, monkeypatch)
+    decoder.prefill(_smear_prefill(model, [5, 17, 3, 88, 42, 9]))
+    prefilled = _decode_state(decoder.cache)
+    decoder.step(torch.tensor([[1], [2]]))  # warm-up, then the (fake) capture
+    assert decoder.graph is not None and fake.captured_from is not None
+    for name, want in prefilled.items():
+        assert torch.equal(fake.captured_from[name], want), name
+    # prefill again (the Engine reuses decoders): the same storage, now holding the new prompt's state
+    second = _smear_prefill(model, [8, 1, 60])
+    decoder.prefill(second)
+    assert {name: t.data_ptr() for name, t in _decode_tensors(decoder.cache).items()} == decoder.graph.pointers
+    assert torch.equal(decoder.cache.prev_embedding, second.prev_embedding.expand(2, -1, -1))
+    decoder.cuda_graph = False  # the fake graph cannot replay: decode on eagerly from the re-prefilled state
+    reference = KVCache(2, c.n_kv_head, 20, c.n_embd // c.n_head, c.n_layer)
+    reference.prefill(second)
+    ids = torch.tensor([[4], [6]])
+    for _ in range(4):
+        expected = model(ids, kv_cache=reference)[:, -1]
+        torch.testing.assert_close(decoder.step(ids), expected, rtol=0, atol=1e-5)
+        ids = expected.argmax(-1, keepdim=True)
 
 
 def _teacher_forced_differences(capsys, argv):
