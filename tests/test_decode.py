@@ -186,29 +186,72 @@ def test_graph_is_captured_from_the_prefilled_state_and_prefill_keeps_its_tensor
         ids = expected.argmax(-1, keepdim=True)
 
 
-def _teacher_forced_differences(capsys, argv):
-    import re
+def _bench_inference(capsys, argv):
+    """Run bench_inference in this process -> (its exit status, its stdout)."""
     import runpy
     import sys
     old_argv = sys.argv
     sys.argv = ["bench_inference", *argv]
+    status = 0
     try:
         runpy.run_module("bench.bench_inference", run_name="__main__")
+    except SystemExit as e:
+        status = e.code
     finally:
         sys.argv = old_argv
-    out = capsys.readouterr().out
+    return status, capsys.readouterr().out
+
+
+def _teacher_forced_differences(out):
+    import re
     return [float(x) for x in re.findall(r"teacher-forced, static KV cache, eager .* logits differ by (\S+) ", out)]
 
 
-def test_bench_inference_teacher_forced_rows_tell_a_wrong_step_from_rounding(capsys, monkeypatch):
+def test_bench_inference_fails_on_a_wrong_step_by_the_teacher_forced_error_not_on_rounding(capsys, monkeypatch):
     import nanochat.decode
     torch.set_num_threads(1)
     argv = ["--depth", "2", "--vocab-size", "512", "--sequence-len", "64", "--prompt-len", "16", "--gen-len", "12",
             "--batch-size", "2", "--repeats", "1", "--no-recompute", "--device-type", "cpu"]
-    right = _teacher_forced_differences(capsys, argv)
-    assert len(right) == 2 and max(right) < 1e-5  # batch 1 and 2, fp32 on CPU: rounding only
+    status, out = _bench_inference(capsys, argv)
+    right = _teacher_forced_differences(out)
+    assert status == 0 and len(right) == 2 and max(right) < 1e-5  # batch 1 and 2, fp32 on CPU: rounding only
+    assert "greedy tokens, static KV cache, eager against GPT.forward's KV cache, first 11 per row (random tokens " \
+           "prompt): identical (100.0% equal)" in out
     # a planted off-by-one rotary position in the static cache: the teacher-forced difference is of order 0.1
     monkeypatch.setattr(nanochat.decode.StaticKVCache, "rotary",
                         lambda self, cos, sin, T: (cos.index_select(1, self.pos + 1), sin.index_select(1, self.pos + 1)))
-    wrong = _teacher_forced_differences(capsys, argv)
+    status, out = _bench_inference(capsys, argv)
+    wrong = _teacher_forced_differences(out)
     assert len(wrong) == 2 and min(wrong) > 1e-2
+    assert status == 1  # the gate: above --max-rel-error (1e-2)
+    # a looser gate passes the same run: the exit status follows the teacher-forced error alone
+    status, _ = _bench_inference(capsys, argv + ["--max-rel-error", "10"])
+    assert status == 0
+
+
+def test_bench_inference_checks_greedy_tokens_of_a_trained_checkpoint(capsys, base_dir, monkeypatch):
+    """The tiny chat model on validation text it knows (offline corpus of its own kind of conversations): every
+    path's greedy tokens equal; --require-greedy turns a difference into exit status 1."""
+    import nanochat.decode
+    from nanochat.dataset import build_offline
+    from tests.helpers_tiny import SOURCE, TAG, build_tiny, synthetic_conversations
+    torch.set_num_threads(1)
+    build_tiny(base_dir)
+    build_offline(conversations=[{"id": f"c{i}", "conversations": [
+        {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in c["messages"]]}
+        for i, c in enumerate(synthetic_conversations(200, seed=1))], chars_per_shard=10_000, row_group_size=32)
+    argv = ["-i", SOURCE, "--model-tag", TAG, "--prompt-len", "24", "--gen-len", "20", "--batch-size", "2",
+            "--repeats", "1", "--greedy-tokens", "16", "--require-greedy", "--device-type", "cpu"]
+    status, out = _bench_inference(capsys, argv)
+    assert status == 0
+    for name in ("static KV cache, eager", "full recompute"):
+        for batch in (1, 2):
+            assert f"batch {batch}: greedy tokens, {name} against GPT.forward's KV cache, first 16 per row " \
+                   f"(validation text prompt): identical (100.0% equal)" in out
+    # a planted off-by-one rotary position, let through the teacher-forced gate: the greedy check catches it
+    monkeypatch.setattr(nanochat.decode.StaticKVCache, "rotary",
+                        lambda self, cos, sin, T: (cos.index_select(1, self.pos + 1), sin.index_select(1, self.pos + 1)))
+    status, out = _bench_inference(capsys, argv + ["--max-rel-error", "10"])
+    assert status == 1 and "eager against GPT.forward's KV cache, first 16 per row (validation text prompt): DIFFERENT" in out
+    status, _ = _bench_inference(capsys, [a for a in argv if a != "--require-greedy"] + ["--max-rel-error", "10"])
+    assert status == 0
