@@ -78,25 +78,42 @@ def test_softcap_and_loss_reductions():
     torch.testing.assert_close(per_token.sum() / 16, expected)
 
 
-def test_chunked_loss_equals_plain_softcapped_cross_entropy_in_value_and_gradient():
-    """The training loss never materialises all the logits at once; it is still softcapped cross-entropy."""
+@pytest.mark.parametrize("chunk_rows", [8, None, 64])  # 5 chunks, the last one short; the default; one chunk
+def test_chunked_loss_equals_plain_softcapped_cross_entropy_in_value_and_gradient(chunk_rows, monkeypatch):
+    """The training loss never materialises all the logits at once; it is still softcapped cross-entropy, in value
+    and in gradient for any per-token upstream gradient (chat_rl weights each token's log-probability), and a
+    target of -1 has loss 0 and no gradient, a chunk of nothing but -1 included."""
+    import nanochat.gpt
     from nanochat.gpt import SOFTCAP, softcapped_cross_entropy
+    monkeypatch.setattr(nanochat.gpt, "LOSS_CHUNK_BYTES", 50 * 4 * 6)  # the default: 6 rows of vocab 50
     torch.manual_seed(0)
     x = torch.randn(37, 16, requires_grad=True)
     w = (3 * torch.randn(50, 16)).requires_grad_()
     targets = torch.randint(0, 50, (37,))
     targets[5:9] = -1
+    targets[24:32] = -1  # a whole chunk of 8
+    upstream = torch.randn(37)
     plain = torch.nn.functional.cross_entropy(SOFTCAP * torch.tanh((x @ w.T) / SOFTCAP), targets, ignore_index=-1,
                                               reduction="none")
-    plain.sum().backward()
+    (plain * upstream).sum().backward()
     want = (plain.detach(), x.grad.clone(), w.grad.clone())
     x.grad = w.grad = None
-    chunked = softcapped_cross_entropy(x, w, targets, chunk_rows=8)  # 5 chunks, the last one short
-    chunked.sum().backward()
-    torch.testing.assert_close(chunked.detach(), want[0])
-    torch.testing.assert_close(x.grad, want[1])
-    torch.testing.assert_close(w.grad, want[2])
-    assert torch.all(chunked[5:9] == 0)
+    chunked = softcapped_cross_entropy(x, w, targets, chunk_rows=chunk_rows)
+    (chunked * upstream).sum().backward()
+    torch.testing.assert_close(chunked.detach(), want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, want[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, want[2], rtol=1e-6, atol=1e-6)
+    ignored = targets == -1
+    assert torch.all(chunked[ignored] == 0) and torch.all(x.grad[ignored] == 0)
+    assert torch.all(plain[~ignored] > 0)
+
+
+def test_loss_chunk_is_a_fixed_size_of_logits():
+    """At vocab 65,536 (d20) a chunk is 512 tokens of fp32 logits (128 MiB); the CPU presets' vocabs keep
+    their whole micro-batch (16 x 256 tokens) in one chunk, computed as before chunking existed."""
+    from nanochat.gpt import LOSS_CHUNK_BYTES
+    assert LOSS_CHUNK_BYTES // (4 * 65536) == 512
+    assert LOSS_CHUNK_BYTES // (4 * 8192) >= 16 * 256
 
 
 def test_gqa_equals_mha_with_shared_kv_heads():
