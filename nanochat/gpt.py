@@ -396,6 +396,8 @@ class GPT(nn.Module):
         x = norm(self.transformer.wte(idx))
         if c.smear:
             x = self._smear(x, kv_cache)
+        if torch.is_autocast_enabled(x.device.type):  # the residual stream in bf16 (CUDA), as nanochat: half the
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # activation memory; CPU (no autocast) stays fp32
         x0, x_mid = x, None
         for i, block in enumerate(self.transformer.h):
             if c.lambdas:
