@@ -5,7 +5,7 @@
 # figures of bench_inference (prompt 512 + 512 generated, batch 1 and 8, CUDA graph vs eager, KV cache vs
 # recompute); and a few requests answered by chat_web on the GPU.
 #
-#   bash bench/gpu_check.sh prepare   # on any CPU machine: data + tokenizer into artifacts/gpu_check (~6 MB)
+#   bash bench/gpu_check.sh prepare   # on any CPU machine: data, tokenizer, a tiny trained model (artifacts/gpu_check)
 #   bash bench/gpu_check.sh           # on the GPU machine, with artifacts/gpu_check carried along
 #
 # The data folder is ignored by git (/artifacts/): copy it with the checkout. GPU_CHECK_DATA moves it;
@@ -53,12 +53,24 @@ if [ "${1:-}" = prepare ]; then
     shards=("$DATA"/base_data/shard_*.parquet)             # keep the first train shard and the val shard (last)
     [ ${#shards[@]} -gt 2 ] && rm -f "${shards[@]:1:$((${#shards[@]} - 2))}"
     rm -rf "$DATA/chat_data" "$DATA/report"
+    # the greedy check's trained model: the tests' tiny chat model (trained here in seconds, confident on its own
+    # kind of text, so few near-ties) with validation text of that kind for its prompts, in a base dir of its own
+    NANOCHAT_BASE_DIR="$DATA/greedy" "$PY" - <<'EOF'
+import os
+from nanochat.dataset import build_offline
+from tests.helpers_tiny import build_tiny, synthetic_conversations
+build_tiny(os.environ["NANOCHAT_BASE_DIR"])
+build_offline(conversations=[{"id": f"c{i}", "conversations": [
+    {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in c["messages"]]}
+    for i, c in enumerate(synthetic_conversations(2000, seed=1))], chars_per_shard=50_000, row_group_size=32)
+EOF
     du -sh "$DATA"
     echo "prepared $DATA: carry it to the GPU machine at the same path (or set GPU_CHECK_DATA), then: bash bench/gpu_check.sh"
     exit 0
 fi
 
-if [ ! -f "$DATA/tokenizer/tokenizer.pkl" ] || ! ls "$DATA"/base_data/*.parquet >/dev/null 2>&1; then
+if [ ! -f "$DATA/tokenizer/tokenizer.pkl" ] || ! ls "$DATA"/base_data/*.parquet >/dev/null 2>&1 ||
+   [ ! -d "$DATA/greedy/checkpoints" ]; then
     echo "error: no data in $DATA: run \`bash bench/gpu_check.sh prepare\` (any machine, CPU is enough) and carry the folder" >&2
     exit 1
 fi
@@ -101,6 +113,12 @@ echo "== bench_inference --depth 20"
 timeout 240 "$PY" -m bench.bench_inference --depth 20 --prompt-len 512 --gen-len 512 --batch-size 8 --repeats 1 \
     > "$OUT/bench_inference.log" 2>&1 || { echo "   FAILED (exit $?)"; failed=1; }
 sed -n '/^phase/,$p' "$OUT/bench_inference.log" | sed 's/^/   /'
+# greedy tokens of a trained checkpoint (the tiny one prepared on CPU): every path's first 64 must agree
+echo "== bench_inference, greedy check on a trained checkpoint"
+NANOCHAT_BASE_DIR="$DATA/greedy" timeout 60 "$PY" -m bench.bench_inference -i sft --model-tag tiny --prompt-len 63 \
+    --gen-len 65 --batch-size 8 --repeats 1 --greedy-tokens 64 --require-greedy > "$OUT/bench_inference_greedy.log" 2>&1 ||
+    { echo "   FAILED (exit $?)"; failed=1; }
+grep -E "greedy tokens|teacher-forced|^error" "$OUT/bench_inference_greedy.log" | sed 's/^/   /'
 
 # 3. chat_web on the GPU serving the DDP run's checkpoint (a few steps old: the replies are not meant to read well)
 echo "== chat_web"
