@@ -50,7 +50,8 @@ class StaticKVCache:
             mine[:, :, :n] = theirs[:, :, :n]
         if cache.prev_embedding is not None:  # a buffer updated in place: a graph replays reads and writes of it,
             if self.prev_embedding is None:   # so it is allocated once and later prefills copy into it
-                self.prev_embedding = torch.empty_like(cache.prev_embedding.expand(self.k[0].size(0), -1, -1))
+                last = cache.prev_embedding
+                self.prev_embedding = torch.empty(self.k[0].size(0), 1, last.size(-1), dtype=last.dtype, device=last.device)
             self.prev_embedding.copy_(cache.prev_embedding)
         self.pos.fill_(n)
         self.length = n
