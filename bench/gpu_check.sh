@@ -5,7 +5,7 @@
 # figures of bench_inference (prompt 512 + 512 generated, batch 1 and 8, CUDA graph vs eager, KV cache vs
 # recompute); and a few requests answered by chat_web on the GPU.
 #
-#   bash bench/gpu_check.sh prepare   # on any CPU machine: data + tokenizer into artifacts/gpu_check (~6 MB)
+#   bash bench/gpu_check.sh prepare   # on any CPU machine: data, tokenizer, a tiny trained model (artifacts/gpu_check)
 #   bash bench/gpu_check.sh           # on the GPU machine, with artifacts/gpu_check carried along
 #
 # The data folder is ignored by git (/artifacts/): copy it with the checkout. GPU_CHECK_DATA moves it;
@@ -14,8 +14,32 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA="$(realpath -m "${GPU_CHECK_DATA:-artifacts/gpu_check}")"
 OUT="$(realpath -m "${GPU_CHECK_OUT:-out/gpu_check}")"
-PY="${PYTHON:-python}"
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+# The interpreter: $PYTHON, else .venv/bin/python if it runs and has torch (with CUDA, unless preparing), else python3
+# or python. A .venv carried from another machine links to that machine's interpreter, or to one with its CPU-only
+# packages: say so, never fall back silently
+need="torch.cuda.is_available()"
+[ "${1:-}" = prepare ] && need="True"
+usable() { "$1" -c "import sys, torch; sys.exit(0 if $need else 1)" >/dev/null 2>&1; }
+PY="${PYTHON:-}"
+if [ -z "$PY" ] && { [ -e .venv/bin/python ] || [ -L .venv/bin/python ]; }; then
+    if usable .venv/bin/python; then
+        PY=.venv/bin/python
+    else
+        echo "note: .venv/bin/python (-> $(readlink -m .venv/bin/python)) does not run here, or has no torch" \
+             "$([ "$need" = True ] || echo "with CUDA"): not used" >&2
+    fi
+fi
+if [ -z "$PY" ]; then
+    for candidate in python3 python; do
+        if command -v "$candidate" >/dev/null && usable "$candidate"; then PY=$(command -v "$candidate"); break; fi
+    done
+fi
+version=$([ -n "$PY" ] && "$PY" -c 'import sys, torch; print("Python", sys.version.split()[0], "| torch", torch.__version__,
+                                                            "| CUDA", torch.version.cuda)' 2>/dev/null) || {
+    echo "error: no python with torch (${PY:-none found}): set PYTHON=/path/to/python or make .venv (pip install -e .)" >&2
+    exit 1
+}
+echo "python: $PY ($version)"
 
 if [ "${1:-}" = prepare ]; then
     set -e
@@ -29,12 +53,24 @@ if [ "${1:-}" = prepare ]; then
     shards=("$DATA"/base_data/shard_*.parquet)             # keep the first train shard and the val shard (last)
     [ ${#shards[@]} -gt 2 ] && rm -f "${shards[@]:1:$((${#shards[@]} - 2))}"
     rm -rf "$DATA/chat_data" "$DATA/report"
+    # the greedy check's trained model: the tests' tiny chat model (trained here in seconds, confident on its own
+    # kind of text, so few near-ties) with validation text of that kind for its prompts, in a base dir of its own
+    NANOCHAT_BASE_DIR="$DATA/greedy" "$PY" - <<'EOF'
+import os
+from nanochat.dataset import build_offline
+from tests.helpers_tiny import build_tiny, synthetic_conversations
+build_tiny(os.environ["NANOCHAT_BASE_DIR"])
+build_offline(conversations=[{"id": f"c{i}", "conversations": [
+    {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in c["messages"]]}
+    for i, c in enumerate(synthetic_conversations(2000, seed=1))], chars_per_shard=50_000, row_group_size=32)
+EOF
     du -sh "$DATA"
     echo "prepared $DATA: carry it to the GPU machine at the same path (or set GPU_CHECK_DATA), then: bash bench/gpu_check.sh"
     exit 0
 fi
 
-if [ ! -f "$DATA/tokenizer/tokenizer.pkl" ] || ! ls "$DATA"/base_data/*.parquet >/dev/null 2>&1; then
+if [ ! -f "$DATA/tokenizer/tokenizer.pkl" ] || ! ls "$DATA"/base_data/*.parquet >/dev/null 2>&1 ||
+   [ ! -d "$DATA/greedy/checkpoints" ]; then
     echo "error: no data in $DATA: run \`bash bench/gpu_check.sh prepare\` (any machine, CPU is enough) and carry the folder" >&2
     exit 1
 fi
@@ -46,13 +82,16 @@ trap cleanup EXIT
 cp -r "$DATA/tokenizer" "$DATA/base_data" "$WORK/"
 mkdir -p "$OUT"
 export NANOCHAT_BASE_DIR="$WORK" NANOCHAT_OFFLINE=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled OMP_NUM_THREADS=8
+export NO_PROXY="localhost,127.0.0.1,::1${NO_PROXY:+,$NO_PROXY}" no_proxy="localhost,127.0.0.1,::1${no_proxy:+,$no_proxy}"
 failed=0
 started=$(date +%s)
 "$PY" -c "import torch; print(f'{torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda}')" | tee "$OUT/device.txt"
 
 # 1. d20 training, a few steps per arm (the first compiles; later arms reuse the compile caches). One process
 #    under torchrun, as a real run (nccl); 6 steps of 65,536 tokens, what each of 8 GPUs takes per step of the d20
-#    speedrun (524,288 tokens); DiLoCo with H = 2 so outer steps happen.
+#    speedrun (524,288 tokens); DiLoCo with H = 2 so outer steps happen. The DDP arm may compile twice from cold
+#    (--device-batch-size auto: a batch that runs out of memory, then the one that fits; about 150 s each on an
+#    H100, 2026-11-28), hence its 420 s.
 train() {  # name, seconds allowed, extra flags...
     local name=$1 limit=$2; shift 2
     echo "== base_train $name"
@@ -62,17 +101,24 @@ train() {  # name, seconds allowed, extra flags...
     grep -E "device-batch-size auto|micro-steps of|^done:|out of memory" "$OUT/train_$name.log" | sed 's/^/   /'
     [ "$name" = ddp ] || rm -rf "$WORK/checkpoints/base/gc_$name"  # chat_web serves the DDP one; disk is finite
 }
-train ddp 300 --sync ddp                                            # --device-batch-size auto (the CUDA default)
+train ddp 420 --sync ddp                                            # --device-batch-size auto (the CUDA default)
 # the DiLoCo arms at the DDP arm's micro-batch, so that their peaks compare (and no second search compiles again)
 batch=$(grep -oE "device-batch-size auto: [0-9]+" "$OUT/train_ddp.log" | grep -oE "[0-9]+$" || echo 16)
 train diloco 150 --sync diloco --diloco-h 2 --device-batch-size "$batch"
 train diloco_outer_cpu 150 --sync diloco --diloco-h 2 --outer-device cpu --device-batch-size "$batch"
 
-# 2. decoding at d20 (random weights): graph vs eager, KV cache vs recompute, greedy tokens checked identical
+# 2. decoding at d20 (random weights): graph vs eager, KV cache vs recompute; fails if a path's teacher-forced logits
+#    differ from GPT.forward's KV cache beyond bf16 rounding (greedy tokens of random weights are only reported)
 echo "== bench_inference --depth 20"
 timeout 240 "$PY" -m bench.bench_inference --depth 20 --prompt-len 512 --gen-len 512 --batch-size 8 --repeats 1 \
     > "$OUT/bench_inference.log" 2>&1 || { echo "   FAILED (exit $?)"; failed=1; }
 sed -n '/^phase/,$p' "$OUT/bench_inference.log" | sed 's/^/   /'
+# greedy tokens of a trained checkpoint (the tiny one prepared on CPU): every path's first 64 must agree
+echo "== bench_inference, greedy check on a trained checkpoint"
+NANOCHAT_BASE_DIR="$DATA/greedy" timeout 60 "$PY" -m bench.bench_inference -i sft --model-tag tiny --prompt-len 63 \
+    --gen-len 65 --batch-size 8 --repeats 1 --greedy-tokens 64 --require-greedy > "$OUT/bench_inference_greedy.log" 2>&1 ||
+    { echo "   FAILED (exit $?)"; failed=1; }
+grep -E "greedy tokens|teacher-forced|^error" "$OUT/bench_inference_greedy.log" | sed 's/^/   /'
 
 # 3. chat_web on the GPU serving the DDP run's checkpoint (a few steps old: the replies are not meant to read well)
 echo "== chat_web"
@@ -81,6 +127,7 @@ SERVER=$!
 "$PY" - "$OUT" "$SERVER" <<'EOF' || failed=1
 import json, os, re, sys, time, urllib.request
 out, pid = sys.argv[1], int(sys.argv[2])
+direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the local server, never via http_proxy
 url = None
 for _ in range(60):  # loading d20 and starting the server
     m = re.search(r"http://\S+", open(f"{out}/chat_web.log").read())
@@ -98,7 +145,7 @@ for q in ["What is the capital of France?", "Write a haiku about GPUs.", "What i
     body = json.dumps({"messages": [{"role": "user", "content": q}], "max_tokens": 64, "temperature": 0}).encode()
     request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
     t0 = time.perf_counter()
-    reply = json.load(urllib.request.urlopen(request, timeout=30))
+    reply = json.load(direct.open(request, timeout=30))
     dt = time.perf_counter() - t0
     with open(f"{out}/chat_web_replies.jsonl", "a") as f:
         f.write(json.dumps(reply) + "\n")

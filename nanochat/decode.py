@@ -48,10 +48,28 @@ class StaticKVCache:
             raise ValueError(f"a prompt of {n} tokens leaves no room in a static cache of {self.max_len}")
         for mine, theirs in zip(self.k + self.v, cache.k + cache.v):
             mine[:, :, :n] = theirs[:, :, :n]
-        if cache.prev_embedding is not None:  # a buffer updated in place: a graph replays reads and writes of it
-            self.prev_embedding = cache.prev_embedding.expand(self.k[0].size(0), -1, -1).clone()
+        if cache.prev_embedding is not None:  # a buffer updated in place: a graph replays reads and writes of it,
+            if self.prev_embedding is None:   # so it is allocated once and later prefills copy into it
+                last = cache.prev_embedding
+                self.prev_embedding = torch.empty(self.k[0].size(0), 1, last.size(-1), dtype=last.dtype, device=last.device)
+            self.prev_embedding.copy_(cache.prev_embedding)
         self.pos.fill_(n)
         self.length = n
+
+    def snapshot(self):
+        """What a decode step writes: pos, the k/v slot at pos, the previous embedding (see restore)."""
+        kv = [t.index_select(2, self.pos) for t in self.k + self.v]
+        prev = None if self.prev_embedding is None else self.prev_embedding.clone()
+        return self.pos.clone(), kv, prev
+
+    def restore(self, snapshot):
+        """Put back a snapshot in place (the tensors a captured graph reads stay the same objects)."""
+        pos, kv, prev = snapshot
+        self.pos.copy_(pos)
+        for mine, saved in zip(self.k + self.v, kv):
+            mine.index_copy_(2, self.pos, saved)
+        if prev is not None:
+            self.prev_embedding.copy_(prev)
 
     def rotary(self, cos, sin, T):
         return cos.index_select(1, self.pos), sin.index_select(1, self.pos)  # T = 1: one token per row
@@ -111,15 +129,16 @@ class Decoder:
             return decode_step(self.model, ids, self.cache)
 
     def _capture(self):
-        pos = self.cache.pos.clone()
-        side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires (lazy inits, kernel choice)
+        # warm-up off the default stream, as capture requires (lazy inits, kernel choice); it runs real steps, so
+        # everything they write (pos, a k/v slot, the smear gate's previous embedding) is put back after each
+        saved = self.cache.snapshot()
+        side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.cache.pos.copy_(pos)  # the warm-up writes only the slot the first real step overwrites
                 self._run(self.ids)
+                self.cache.restore(saved)
         torch.cuda.current_stream().wait_stream(side)
-        self.cache.pos.copy_(pos)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # recorded, not run
             self.logits = self._run(self.ids)

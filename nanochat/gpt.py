@@ -19,7 +19,10 @@ import torch.utils.checkpoint
 from nanochat.optim import AdamW, Muon
 
 SOFTCAP = 15.0
-LOSS_CHUNK_ROWS = 8192  # tokens whose logits are materialised at once by the training loss
+# fp32 logits materialised at once by the training loss: 512 tokens at vocab 65,536. A chunk's recompute and
+# backward hold about four logits-shaped tensors, so a step's transient stays under 1 GiB at any batch
+# (bench/bench_loss.py); a small vocab (the CPU presets) keeps a whole micro-batch in one chunk
+LOSS_CHUNK_BYTES = 128 * 2 ** 20
 
 
 def _softcapped_logits(x, weight):
@@ -31,10 +34,12 @@ def _chunk_loss_sum(x, weight, targets):
     return F.cross_entropy(_softcapped_logits(x, weight), targets, ignore_index=-1, reduction="none")
 
 
-def softcapped_cross_entropy(x, weight, targets, chunk_rows=LOSS_CHUNK_ROWS):
+def softcapped_cross_entropy(x, weight, targets, chunk_rows=None):
     """Per-token cross-entropy (0 where the target is -1) of softcapped fp32 logits x @ weight.T, computed
-    chunk_rows tokens at a time and recomputed in the backward pass, so the full (tokens, vocab) fp32 logits,
-    the largest tensor of a training step (17 GB at d20, batch 32 x 2048, vocab 65,536), never exist at once."""
+    chunk_rows tokens at a time (default: LOSS_CHUNK_BYTES of logits) and recomputed in the backward pass, so
+    the full (tokens, vocab) fp32 logits, the largest tensor of a training step (17 GB at d20, batch 32 x 2048,
+    vocab 65,536), never exist at once."""
+    chunk_rows = chunk_rows or max(1, LOSS_CHUNK_BYTES // (4 * weight.size(0)))
     if x.size(0) <= chunk_rows:
         return _chunk_loss_sum(x, weight, targets)
     return torch.cat([torch.utils.checkpoint.checkpoint(_chunk_loss_sum, x[i:i + chunk_rows], weight,
@@ -391,6 +396,8 @@ class GPT(nn.Module):
         x = norm(self.transformer.wte(idx))
         if c.smear:
             x = self._smear(x, kv_cache)
+        if torch.is_autocast_enabled(x.device.type):  # the residual stream in bf16 (CUDA), as nanochat: half the
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # activation memory; CPU (no autocast) stays fp32
         x0, x_mid = x, None
         for i, block in enumerate(self.transformer.h):
             if c.lambdas:

@@ -79,10 +79,11 @@ def normalized_per_neuron(U, buf, beta2):
     uneven scales; divide each by the square root of a running mean of its squared entries (`buf`, updated in
     place), then rescale so the whole update keeps its Frobenius norm. U: (n, rows, cols)."""
     dim = -1 if U.size(-2) >= U.size(-1) else -2  # average along the short side: one statistic per neuron
-    sq = U.float().square().mean(dim=dim, keepdim=True)
+    U = U.float()  # one copy (bf16 on CUDA), not one per use
+    sq = U.square().mean(dim=dim, keepdim=True)
     buf.lerp_(sq, 1 - beta2)
-    scaled = U.float() * buf.clamp_min(1e-10).rsqrt()
-    norm_before = U.float().norm(dim=(-2, -1), keepdim=True)
+    scaled = U * buf.clamp_min(1e-10).rsqrt()
+    norm_before = U.norm(dim=(-2, -1), keepdim=True)
     return scaled * (norm_before / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
@@ -111,32 +112,38 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 by_shape[p.shape].append(p)
             for shape, params in by_shape.items():
-                updates = []
+                # one multi-tensor kernel per operation over the shape group (on CUDA; a loop on CPU, same
+                # arithmetic), the Nesterov update written straight into the stack that is orthogonalised
+                grads = [p.grad for p in params]
                 for p in params:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.lerp_(p.grad, 1 - momentum)
-                    updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
+                torch._foreach_lerp_(bufs, grads, 1 - momentum)
+                if group["nesterov"]:
+                    updates = torch.empty((len(params), *shape), dtype=grads[0].dtype, device=grads[0].device)
+                    for i, (g, buf) in enumerate(zip(grads, bufs)):
+                        torch.lerp(g, buf, momentum, out=updates[i])
+                else:
+                    updates = torch.stack(bufs)
                 # .get: optimizer states saved before these options existed load without them
-                ortho = ORTHO[group.get("ortho", "ns5")](torch.stack(updates), group["ns_steps"])
+                ortho = ORTHO[group.get("ortho", "ns5")](updates, group["ns_steps"])
                 if group.get("beta2") is not None:
                     for p in params:
                         if "second_momentum" not in self.state[p]:
                             side = (shape[-2], 1) if shape[-2] >= shape[-1] else (1, shape[-1])
                             self.state[p]["second_momentum"] = torch.zeros(side, device=p.device, dtype=torch.float32)
-                    bufs = torch.stack([self.state[p]["second_momentum"] for p in params])
-                    ortho = normalized_per_neuron(ortho, bufs, group["beta2"])
-                    for p, b in zip(params, bufs):
-                        self.state[p]["second_momentum"].copy_(b)
+                    seconds = [self.state[p]["second_momentum"] for p in params]
+                    stacked = torch.stack(seconds)
+                    ortho = normalized_per_neuron(ortho, stacked, group["beta2"])
+                    torch._foreach_copy_(seconds, list(stacked.unbind(0)))
                 lr = group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5
                 wd = group.get("weight_decay", 0.0)
-                for p, u in zip(params, ortho):
-                    u = u.to(p.dtype)
-                    if wd:
+                us = [u.to(p.dtype) for p, u in zip(params, ortho.unbind(0))]
+                if wd:
+                    for p, u in zip(params, us):
                         p.sub_(p * ((u * p) >= 0), alpha=lr * wd)
-                    p.add_(u, alpha=-lr)
+                torch._foreach_add_(params, us, alpha=-lr)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -152,6 +159,9 @@ class AdamW(torch.optim.Optimizer):
         _averaged_grads(self)
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            # multi-tensor kernels over the parameters that share a step count (all of a group, but for one
+            # added later), a device and a dtype: per parameter, the same arithmetic as one at a time
+            batches = defaultdict(list)
             for p in group["params"]:
                 state = self.state[p]
                 if not state:
@@ -159,10 +169,16 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
-                m.lerp_(g, 1 - beta1)
-                v.lerp_(g.square(), 1 - beta2)
-                denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+                batches[(state["step"], p.device, p.dtype)].append(p)
+            for (t, _, _), params in batches.items():
+                ms = [self.state[p]["exp_avg"] for p in params]
+                vs = [self.state[p]["exp_avg_sq"] for p in params]
+                grads = [p.grad for p in params]
+                torch._foreach_lerp_(ms, grads, 1 - beta1)
+                torch._foreach_lerp_(vs, torch._foreach_mul(grads, grads), 1 - beta2)
+                denoms = torch._foreach_div(vs, 1 - beta2 ** t)
+                torch._foreach_sqrt_(denoms)
+                torch._foreach_add_(denoms, eps)
                 if wd:
-                    p.mul_(1 - lr * wd)
-                p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_addcdiv_(params, ms, denoms, value=-lr / (1 - beta1 ** t))

@@ -1,6 +1,8 @@
 """The fixed-shape decode step (nanochat.decode, a CUDA graph on GPU) run eagerly on CPU: the same logits and
 greedy tokens as GPT.forward's KV-cache path, through Engine too (several rows, GQA, seeded sampling, reuse)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -100,29 +102,156 @@ def test_decode_step_carries_every_model_switch():
     torch.testing.assert_close(fresh.step(torch.tensor([[1], [2]])), full, rtol=0, atol=1e-4)
 
 
-def _teacher_forced_differences(capsys, argv):
-    import re
+class _CudaOnCpu:
+    """Stand-ins for the torch.cuda stream and graph calls of Decoder._capture, so its warm-up runs on CPU. A real
+    capture records kernels without running them, so the cache as it stands when the graph context opens is the
+    state every replay starts from: the fake context keeps a copy of it (its own body then runs eagerly)."""
+
+    def __init__(self, decoder, monkeypatch):
+        fake = self
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def __init__(self):
+                self.pointers = None  # the addresses a captured graph would read and write
+
+            def replay(self):
+                pass
+
+        @contextlib.contextmanager
+        def graph(g, capture_error_mode=None):
+            fake.captured_from = _decode_state(decoder.cache)
+            g.pointers = {name: t.data_ptr() for name, t in _decode_tensors(decoder.cache).items()}
+            yield
+
+        self.captured_from = None
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        decoder.cuda_graph = True  # the constructor refuses it off CUDA
+
+
+def _decode_tensors(cache):
+    named = {"pos": cache.pos, "prev_embedding": cache.prev_embedding}
+    named.update({f"k{i}": t for i, t in enumerate(cache.k)})
+    named.update({f"v{i}": t for i, t in enumerate(cache.v)})
+    return named
+
+
+def _decode_state(cache):
+    return {name: t.clone() for name, t in _decode_tensors(cache).items()}
+
+
+def _smear_prefill(model, prompt):
+    c = model.config
+    cache = KVCache(1, c.n_kv_head, len(prompt), c.n_embd // c.n_head, c.n_layer)
+    model(torch.tensor([prompt]), kv_cache=cache)
+    return cache
+
+
+@torch.inference_mode()
+def test_graph_is_captured_from_the_prefilled_state_and_prefill_keeps_its_tensors(monkeypatch):
+    """With the smear gate: the CUDA-graph warm-up runs real steps, which write pos, the k/v slot at pos and the
+    previous embedding; all of it must be back as prefill left it when the graph is recorded. A later prefill
+    must write into the same tensors the graph reads (not new ones), and decoding on from it must equal
+    GPT.forward's KV-cache path."""
+    from tests.test_gpt import FULL, randomized
+    model = randomized(FULL, seed=1)
+    c = model.config
+    decoder = Decoder(model, 2, 20)
+    fake = _CudaOnCpu(decoder, monkeypatch)
+    decoder.prefill(_smear_prefill(model, [5, 17, 3, 88, 42, 9]))
+    prefilled = _decode_state(decoder.cache)
+    decoder.step(torch.tensor([[1], [2]]))  # warm-up, then the (fake) capture
+    assert decoder.graph is not None and fake.captured_from is not None
+    for name, want in prefilled.items():
+        assert torch.equal(fake.captured_from[name], want), name
+    # prefill again (the Engine reuses decoders): the same storage, now holding the new prompt's state
+    second = _smear_prefill(model, [8, 1, 60])
+    decoder.prefill(second)
+    assert {name: t.data_ptr() for name, t in _decode_tensors(decoder.cache).items()} == decoder.graph.pointers
+    assert torch.equal(decoder.cache.prev_embedding, second.prev_embedding.expand(2, -1, -1))
+    decoder.cuda_graph = False  # the fake graph cannot replay: decode on eagerly from the re-prefilled state
+    reference = KVCache(2, c.n_kv_head, 20, c.n_embd // c.n_head, c.n_layer)
+    reference.prefill(second)
+    ids = torch.tensor([[4], [6]])
+    for _ in range(4):
+        expected = model(ids, kv_cache=reference)[:, -1]
+        torch.testing.assert_close(decoder.step(ids), expected, rtol=0, atol=1e-5)
+        ids = expected.argmax(-1, keepdim=True)
+
+
+def _bench_inference(capsys, argv):
+    """Run bench_inference in this process -> (its exit status, its stdout)."""
     import runpy
     import sys
     old_argv = sys.argv
     sys.argv = ["bench_inference", *argv]
+    status = 0
     try:
         runpy.run_module("bench.bench_inference", run_name="__main__")
+    except SystemExit as e:
+        status = e.code
     finally:
         sys.argv = old_argv
-    out = capsys.readouterr().out
+    return status, capsys.readouterr().out
+
+
+def _teacher_forced_differences(out):
+    import re
     return [float(x) for x in re.findall(r"teacher-forced, static KV cache, eager .* logits differ by (\S+) ", out)]
 
 
-def test_bench_inference_teacher_forced_rows_tell_a_wrong_step_from_rounding(capsys, monkeypatch):
+def test_bench_inference_fails_on_a_wrong_step_by_the_teacher_forced_error_not_on_rounding(capsys, monkeypatch):
     import nanochat.decode
     torch.set_num_threads(1)
     argv = ["--depth", "2", "--vocab-size", "512", "--sequence-len", "64", "--prompt-len", "16", "--gen-len", "12",
             "--batch-size", "2", "--repeats", "1", "--no-recompute", "--device-type", "cpu"]
-    right = _teacher_forced_differences(capsys, argv)
-    assert len(right) == 2 and max(right) < 1e-5  # batch 1 and 2, fp32 on CPU: rounding only
+    status, out = _bench_inference(capsys, argv)
+    right = _teacher_forced_differences(out)
+    assert status == 0 and len(right) == 2 and max(right) < 1e-5  # batch 1 and 2, fp32 on CPU: rounding only
+    assert "greedy tokens, static KV cache, eager against GPT.forward's KV cache, first 11 per row (random tokens " \
+           "prompt): identical (100.0% equal)" in out
     # a planted off-by-one rotary position in the static cache: the teacher-forced difference is of order 0.1
     monkeypatch.setattr(nanochat.decode.StaticKVCache, "rotary",
                         lambda self, cos, sin, T: (cos.index_select(1, self.pos + 1), sin.index_select(1, self.pos + 1)))
-    wrong = _teacher_forced_differences(capsys, argv)
+    status, out = _bench_inference(capsys, argv)
+    wrong = _teacher_forced_differences(out)
     assert len(wrong) == 2 and min(wrong) > 1e-2
+    assert status == 1  # the gate: above --max-rel-error (1e-2)
+    # a looser gate passes the same run: the exit status follows the teacher-forced error alone
+    status, _ = _bench_inference(capsys, argv + ["--max-rel-error", "10"])
+    assert status == 0
+
+
+def test_bench_inference_checks_greedy_tokens_of_a_trained_checkpoint(capsys, base_dir, monkeypatch):
+    """The tiny chat model on validation text it knows (offline corpus of its own kind of conversations): every
+    path's greedy tokens equal; --require-greedy turns a difference into exit status 1."""
+    import nanochat.decode
+    from nanochat.dataset import build_offline
+    from tests.helpers_tiny import SOURCE, TAG, build_tiny, synthetic_conversations
+    torch.set_num_threads(1)
+    build_tiny(base_dir)
+    build_offline(conversations=[{"id": f"c{i}", "conversations": [
+        {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in c["messages"]]}
+        for i, c in enumerate(synthetic_conversations(200, seed=1))], chars_per_shard=10_000, row_group_size=32)
+    argv = ["-i", SOURCE, "--model-tag", TAG, "--prompt-len", "24", "--gen-len", "20", "--batch-size", "2",
+            "--repeats", "1", "--greedy-tokens", "16", "--require-greedy", "--device-type", "cpu"]
+    status, out = _bench_inference(capsys, argv)
+    assert status == 0
+    for name in ("static KV cache, eager", "full recompute"):
+        for batch in (1, 2):
+            assert f"batch {batch}: greedy tokens, {name} against GPT.forward's KV cache, first 16 per row " \
+                   f"(validation text prompt): identical (100.0% equal)" in out
+    # a planted off-by-one rotary position, let through the teacher-forced gate: the greedy check catches it
+    monkeypatch.setattr(nanochat.decode.StaticKVCache, "rotary",
+                        lambda self, cos, sin, T: (cos.index_select(1, self.pos + 1), sin.index_select(1, self.pos + 1)))
+    status, out = _bench_inference(capsys, argv + ["--max-rel-error", "10"])
+    assert status == 1 and "eager against GPT.forward's KV cache, first 16 per row (validation text prompt): DIFFERENT" in out
+    status, _ = _bench_inference(capsys, [a for a in argv if a != "--require-greedy"] + ["--max-rel-error", "10"])
+    assert status == 0

@@ -265,3 +265,135 @@ def test_missing_grad_is_a_clear_error():
     with pytest.raises(RuntimeError, match=r"AdamW.step: a parameter of shape \(64, 32\) has no gradient"):
         adamw.step()
     muon.step()  # its parameters all have gradients
+
+
+class _OldMuon(torch.optim.Optimizer):
+    """Reference: Muon.step as it was before its multi-tensor rewrite (one parameter at a time, NorMuon state
+    stacked and copied back every step), kept here so the rewrite can be held to it exactly."""
+
+    def __init__(self, params, lr, momentum, nesterov, ortho, beta2, weight_decay, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ortho=ortho,
+                                      beta2=beta2, weight_decay=weight_decay))
+
+    @staticmethod
+    def _normalized_per_neuron(U, buf, beta2):
+        dim = -1 if U.size(-2) >= U.size(-1) else -2
+        sq = U.float().square().mean(dim=dim, keepdim=True)
+        buf.lerp_(sq, 1 - beta2)
+        scaled = U.float() * buf.clamp_min(1e-10).rsqrt()
+        norm_before = U.float().norm(dim=(-2, -1), keepdim=True)
+        return scaled * (norm_before / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+
+    @torch.no_grad()
+    def step(self):
+        ortho_fn = {"ns5": zeropower_via_newtonschulz5, "polar": polar_express}
+        for group in self.param_groups:
+            momentum = group["momentum"]
+            by_shape = {}
+            for p in group["params"]:
+                by_shape.setdefault(p.shape, []).append(p)
+            for shape, params in by_shape.items():
+                updates = []
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = state["momentum_buffer"]
+                    buf.lerp_(p.grad, 1 - momentum)
+                    updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+                ortho = ortho_fn[group["ortho"]](torch.stack(updates), group["ns_steps"])
+                if group["beta2"] is not None:
+                    for p in params:
+                        if "second_momentum" not in self.state[p]:
+                            side = (shape[-2], 1) if shape[-2] >= shape[-1] else (1, shape[-1])
+                            self.state[p]["second_momentum"] = torch.zeros(side, dtype=torch.float32)
+                    bufs = torch.stack([self.state[p]["second_momentum"] for p in params])
+                    ortho = self._normalized_per_neuron(ortho, bufs, group["beta2"])
+                    for p, b in zip(params, bufs):
+                        self.state[p]["second_momentum"].copy_(b)
+                lr = group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5
+                wd = group["weight_decay"]
+                for p, u in zip(params, ortho):
+                    u = u.to(p.dtype)
+                    if wd:
+                        p.sub_(p * ((u * p) >= 0), alpha=lr * wd)
+                    p.add_(u, alpha=-lr)
+
+
+class _OldAdamW(torch.optim.Optimizer):
+    """Reference: AdamW.step as it was before its multi-tensor rewrite (one parameter at a time)."""
+
+    def __init__(self, param_groups, betas, eps, weight_decay, lr=1e-3):
+        super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
+                m.lerp_(g, 1 - beta1)
+                v.lerp_(g.square(), 1 - beta2)
+                denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+
+
+def _twin_params(shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    inits = [torch.randn(shape, generator=g) for shape in shapes]
+    return [torch.nn.Parameter(t.clone()) for t in inits], [torch.nn.Parameter(t.clone()) for t in inits]
+
+
+def _same_grads(a, b, g):
+    for p, q in zip(a, b):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+
+
+@pytest.mark.parametrize("nesterov,ortho,beta2,weight_decay", [(True, "ns5", None, 0.0), (True, "polar", 0.9, 0.1),
+                                                               (False, "ns5", 0.95, 0.0)])
+def test_muon_multi_tensor_step_equals_the_per_parameter_step_exactly(nesterov, ortho, beta2, weight_decay):
+    shapes = [(24, 8), (8, 24), (24, 8), (16, 16), (8, 24), (24, 8)]  # three shape groups, tall, wide and square
+    ours, ref = _twin_params(shapes, seed=0)
+    kw = dict(lr=0.05, momentum=0.9, nesterov=nesterov, ortho=ortho, beta2=beta2, weight_decay=weight_decay)
+    opt, ref_opt = Muon(ours, **kw), _OldMuon(ref, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        _same_grads(ours, ref, g)
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+        for key, value in ref_opt.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+
+
+def test_adamw_multi_tensor_step_equals_the_per_parameter_step_exactly():
+    """Two groups (their own lr, betas, decay) and a third added after two steps, so parameters at different
+    step counts (bias corrections) are updated in the same step()."""
+    ours, ref = _twin_params([(10, 7), (7,), (3, 4, 5), (10, 7), (1,), (6, 2)], seed=2)
+    groups = lambda ps: [dict(params=ps[:3], lr=0.01), dict(params=ps[3:5], lr=0.2, betas=(0.9, 0.99), weight_decay=0.0)]
+    opt = AdamW(groups(ours), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    ref_opt = _OldAdamW(groups(ref), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    g = torch.Generator().manual_seed(3)
+    for step in range(5):
+        if step == 2:
+            opt.add_param_group(dict(params=ours[5:], lr=0.05))
+            ref_opt.add_param_group(dict(params=ref[5:], lr=0.05))
+        n = 6 if step >= 2 else 5
+        _same_grads(ours[:n], ref[:n], g)
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], ref_opt.state[q][key]), key
+        assert opt.state[p]["step"] == ref_opt.state[q]["step"]

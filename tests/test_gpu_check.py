@@ -1,0 +1,29 @@
+"""bench/gpu_check.sh picks its python out loud: a .venv carried from another machine (its python a link to that
+machine's interpreter) is named and skipped, never silently replaced."""
+
+import os
+import shutil
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_carried_venv_whose_python_does_not_run_here_is_reported_not_used(tmp_path):
+    (tmp_path / "bench").mkdir()
+    shutil.copy(os.path.join(ROOT, "bench", "gpu_check.sh"), tmp_path / "bench" / "gpu_check.sh")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    os.symlink("/nonexistent/bin/python3.99", tmp_path / ".venv" / "bin" / "python")
+    fake = tmp_path / "path"  # python3 and python that have no torch (fast: no real import)
+    fake.mkdir()
+    for name in ("python3", "python"):
+        (fake / name).write_text("#!/bin/sh\nexit 1\n")
+        (fake / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env["PATH"] = str(fake) + os.pathsep + env.get("PATH", "")
+    env["GPU_CHECK_DATA"] = str(tmp_path / "no_data")
+    proc = subprocess.run(["bash", str(tmp_path / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert "note: .venv/bin/python (-> /nonexistent/bin/python3.99) does not run here, or has no torch with CUDA: " \
+           "not used" in proc.stderr
+    assert "error: no python with torch (none found): set PYTHON=" in proc.stderr
