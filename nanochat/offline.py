@@ -306,3 +306,47 @@ def read_arrow_stream(name, member):
     import pyarrow.ipc
     reader = pyarrow.ipc.open_stream(io.BytesIO(read_member(name, member)))
     return reader.read_all().to_pylist()
+
+
+# -----------------------------------------------------------------------------
+# Exported records: for a machine that cannot fetch the packages (the GPU check has no network, and carries at
+# most 64 MiB). A folder of <name>.jsonl files, each the records a loader returns (or its first N), and a
+# manifest.json naming each file's source (package==version:member), how many of the source's records it holds,
+# and its sha256. Pointed at by NANOCHAT_TASKS_DIR; the task and CORE loaders read a name from it when it is there.
+
+TASKS_DIR_ENV = "NANOCHAT_TASKS_DIR"
+
+
+def export_records(out_dir, name, records, source, limit=None):
+    """Write records[:limit] as out_dir/<name>.jsonl and note it in out_dir/manifest.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    kept = list(records)[:limit] if limit else list(records)
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode("utf-8")
+    path = os.path.join(out_dir, f"{name}.jsonl")
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {}
+    manifest[name] = {"source": source, "records": len(kept), "of": len(records),
+                      "sha256": hashlib.sha256(data).hexdigest()}
+    with open(manifest_path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(manifest_path + ".tmp", manifest_path)
+
+
+def exported_records(name):
+    """(records, source description) of `name` from $NANOCHAT_TASKS_DIR, or None when it is unset or lacks the name."""
+    d = os.environ.get(TASKS_DIR_ENV)
+    if not d or not os.path.exists(os.path.join(d, f"{name}.jsonl")):
+        return None
+    try:
+        entry = json.load(open(os.path.join(d, "manifest.json")))[name]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise RuntimeError(f"{d}/{name}.jsonl has no entry in {d}/manifest.json ({e!r}): export the folder again") from e
+    data = open(os.path.join(d, f"{name}.jsonl"), "rb").read()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise RuntimeError(f"{d}/{name}.jsonl is not the file its manifest names (sha256 differs): export it again")
+    records = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    part = "all" if entry["records"] == entry["of"] else f"the first {entry['records']:,} of {entry['of']:,}"
+    return records, f"{d} ({part} records of {entry['source']})"

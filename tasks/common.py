@@ -4,7 +4,8 @@ A task is a sliceable list of conversations ({"messages": [...]}, see nanochat/t
 score a model's answer. Data comes from Hugging Face `datasets` (the names users know) when online, and
 from copies of the same datasets inside registry packages (nanochat/offline.py, shared DATA.md) when
 offline or when the Hub cannot be reached. Offline records are normalised to the Hub's schema, so a task
-cannot tell which source it got.
+cannot tell which source it got. A folder exported from either (export_tasks; NANOCHAT_TASKS_DIR) comes first
+when it is set and holds the split: machines without network or room for the packages (the GPU check) use it.
 """
 
 import functools
@@ -13,7 +14,8 @@ import math
 import os
 import random
 
-from nanochat.offline import PACKAGES, is_offline, list_members, read_arrow_stream, read_jsonl_gz
+from nanochat.offline import (PACKAGES, TASKS_DIR_ENV, export_records, exported_records, is_offline, list_members,
+                              read_arrow_stream, read_jsonl_gz)
 
 # -----------------------------------------------------------------------------
 # Tasks
@@ -123,12 +125,22 @@ def load_records(dataset, subset, split):
         # its offline stand-in lives under the base dir, so that belongs in the cache key
         from nanochat.dataset import chat_data_path
         chat_path = chat_data_path({"train": "train", "test": "val"}[split])
-    return _load_records(dataset, subset, split, is_offline(), chat_path)
+    return _load_records(dataset, subset, split, is_offline(), chat_path, os.environ.get(TASKS_DIR_ENV))
+
+
+def export_name(dataset, subset, split):
+    """The split's file name in an exported folder, e.g. allenai_ai2_arc-ARC-Easy-test."""
+    return "-".join(part for part in (dataset.replace("/", "_"), subset, split) if part)
 
 
 @functools.lru_cache(maxsize=None)
-def _load_records(dataset, subset, split, offline, chat_path):
+def _load_records(dataset, subset, split, offline, chat_path, tasks_dir):
     name = f"{dataset} {subset or ''} {split}".replace("  ", " ")
+    exported = exported_records(export_name(dataset, subset, split)) if tasks_dir else None
+    if exported is not None:
+        records, source = exported
+        print(f"tasks: {name}: {len(records):,} records from {source}")
+        return records
     if not offline:
         try:
             records = _load_hub(dataset, subset, split)
@@ -164,6 +176,18 @@ def _load_offline(dataset, subset, split, chat_path):
     raise NotAvailableOffline(
         f"{dataset} {subset or ''} {split} is not available offline (no registry package carries it); offline "
         f"training mixtures must skip it, or run online (unset NANOCHAT_OFFLINE) to fetch it from Hugging Face")
+
+
+# the splits the pipeline reads that a registry package carries (the chat conversations live in the base dir)
+EXPORTED_SPLITS = [(ARC, subset, split) for subset in ("ARC-Easy", "ARC-Challenge") for split in ("train", "test")] + [
+    (MMLU, "all", split) for split in ("dev", "validation", "test")] + [(GSM8K, "main", "test"), (HUMANEVAL, None, "test")]
+
+
+def export_tasks(out_dir, limit=None, splits=EXPORTED_SPLITS):
+    """Write each split's offline records (the first `limit` of each, if given) to out_dir for NANOCHAT_TASKS_DIR."""
+    for dataset, subset, split in splits:
+        records, source = _load_offline(dataset, subset, split, None)
+        export_records(out_dir, export_name(dataset, subset, split), records, source, limit)
 
 
 def _package(name, member):

@@ -1,5 +1,6 @@
 """CORE: offline task data, exact prompts, scoring with models whose right answers are known, aggregation."""
 
+import json
 import math
 import random
 
@@ -330,3 +331,20 @@ def test_evaluate_core_offline_end_to_end(base_dir):
         assert out["centered_results"][label] == pytest.approx(centered(acc, CORE_TASKS[label][3]))
     assert out["core_metric"] == pytest.approx(sum(out["centered_results"].values()) / 14)
     assert math.isfinite(out["core_metric"])
+
+
+def test_an_exported_core_task_is_read_instead_of_its_package(tmp_path, monkeypatch):
+    items = [{"query": "Q", "choices": ["a", "b"], "gold": 1}, {"query": "R", "choices": ["c", "d"], "gold": 0}]
+
+    def copa():
+        core_eval._members_read.append("pkg==1:copa.arrow")
+        return items
+    monkeypatch.setattr(core_eval, "OFFLINE_TASKS", {"copa": copa})
+    core_eval.export_core(tmp_path, limit=1)
+    monkeypatch.setattr(core_eval, "OFFLINE_TASKS", {})  # nothing left to read a package with
+    monkeypatch.setenv("NANOCHAT_TASKS_DIR", str(tmp_path))
+    tasks, missing = core_eval._load_offline()
+    assert tasks == {"copa": {"task_meta": core_task_meta("copa"), "random_baseline": CORE_TASKS["copa"][3], "data": items[:1]}}
+    assert missing == [t for t in CORE_TASKS if t != "copa"]
+    entry = json.load(open(tmp_path / "manifest.json"))["core-copa"]
+    assert (entry["source"], entry["records"], entry["of"]) == ("pkg==1:copa.arrow", 1, 2)

