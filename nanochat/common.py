@@ -63,9 +63,15 @@ def compute_init(device_type=None, seed=1337, timeout_s=None):
     if ddp:
         timeout = datetime.timedelta(seconds=timeout_s or collective_timeout())
         if device_type == "cuda":
-            device = torch.device("cuda", local_rank)
+            index, backend = cuda_placement(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                                            torch.cuda.device_count())
+            device = torch.device("cuda", index)
             torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
+            if backend == "gloo" and local_rank == 0:
+                print(f"note: {os.environ.get('LOCAL_WORLD_SIZE')} ranks share {torch.cuda.device_count()} GPU(s): gloo "
+                      "(nccl refuses two ranks on one device); for checks, not for speed", flush=True)
+            dist.init_process_group(backend=backend, timeout=timeout,
+                                    **({"device_id": device} if backend == "nccl" else {}))
         else:
             device = torch.device(device_type)
             dist.init_process_group(backend="gloo", timeout=timeout)
@@ -73,6 +79,15 @@ def compute_init(device_type=None, seed=1337, timeout_s=None):
     else:
         device = torch.device(device_type)
     return ddp, rank, local_rank, world_size, device
+
+
+def cuda_placement(local_rank, local_world_size, device_count):
+    """(GPU index, backend) of a rank: one GPU per rank over nccl; with more ranks than GPUs (a one-GPU check of
+    several DiLoCo workers) they take turns round the GPUs over gloo, whose all_reduce and broadcast accept CUDA
+    tensors (torch.distributed's backend table), while nccl refuses two ranks on one device."""
+    if local_world_size <= device_count:
+        return local_rank, "nccl"
+    return local_rank % device_count, "gloo"
 
 
 def compute_cleanup():

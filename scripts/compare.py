@@ -211,16 +211,16 @@ def prepare_data_and_tokenizer(scale_name, dry_run=False):
 
 
 def run_experiment(arms, scale_name, force=False, seed=1337, diloco_flags=(), seeds=1, recipe="paper", dry_run=False,
-                   runner=None):
+                   runner=None, nproc=None):
     """Every stage of every arm, for seeds seed, seed+1, ... (seed i > 0 also draws its own data order and its
     checkpoints carry the suffix -s<i>). recipe (diloco/recipes.py): flags of every DiLoCo stage; the checkpoints
     of arms with a DiLoCo stage carry its name unless it is "paper", so arm (a) is shared between recipes.
     dry_run: print the stages that would run (runner.redone) and run nothing. runner: another recipe's, so that
-    the stages both share (arm (a)) run once per invocation, also with force.
+    the stages both share (arm (a)) run once per invocation, also with force. nproc: ranks per stage (default the scale's).
     Returns ({arm: [one result per seed]}, runner); the results are empty with dry_run."""
     diloco_flags = [*recipe_flags(recipe), *diloco_flags]
     scale = SCALES[scale_name]
-    nproc = scale["nproc"] or max(1, torch.cuda.device_count())
+    nproc = nproc or scale["nproc"] or max(1, torch.cuda.device_count())
     base_dir = get_base_dir()
     runner = runner or Runner(os.path.join(base_dir, "runs"), force=force, dry_run=dry_run)
     env = {"OMP_NUM_THREADS": "1"} if not torch.cuda.is_available() else {}
@@ -636,6 +636,7 @@ def main(argv=None):
     parser.add_argument("--diloco-flags", default="",
                         help="extra flags for every DiLoCo stage, e.g. \"--diloco-fragments 4 --diloco-overlap 1 "
                              "--outer-compression int4\" (stages whose flags changed are redone)")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks per stage (default: the scale's; d20: every GPU)")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
@@ -651,7 +652,7 @@ def main(argv=None):
         parser.error(f"--baseline-recipe {args.baseline_recipe} is the --diloco-recipe itself: name another recipe")
     run = lambda recipe, runner=None: run_experiment(arms, scale, force=args.force, seed=args.seed,
                                                      diloco_flags=shlex.split(args.diloco_flags), seeds=args.seeds,
-                                                     recipe=recipe, dry_run=args.dry_run, runner=runner)
+                                                     recipe=recipe, dry_run=args.dry_run, runner=runner, nproc=args.nproc)
     results, runner = run(args.diloco_recipe)
     baseline = None
     if args.baseline_recipe:  # arm (a) is shared between recipes: one runner, so it runs once (--force too)

@@ -27,3 +27,10 @@ def test_a_carried_venv_whose_python_does_not_run_here_is_reported_not_used(tmp_
     assert "note: .venv/bin/python (-> /nonexistent/bin/python3.99) does not run here, or has no torch with CUDA: " \
            "not used" in proc.stderr
     assert "error: no python with torch (none found): set PYTHON=" in proc.stderr
+
+
+def test_ranks_take_one_gpu_each_over_nccl_and_share_gpus_over_gloo_when_there_are_more_ranks():
+    from nanochat.common import cuda_placement
+    assert [cuda_placement(r, 8, 8) for r in (0, 7)] == [(0, "nccl"), (7, "nccl")]
+    assert [cuda_placement(r, 2, 1) for r in (0, 1)] == [(0, "gloo"), (0, "gloo")]  # two DiLoCo workers, one GPU
+    assert [cuda_placement(r, 4, 2) for r in range(4)] == [(0, "gloo"), (1, "gloo"), (0, "gloo"), (1, "gloo")]
