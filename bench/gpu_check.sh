@@ -211,7 +211,7 @@ ask_chat_web chat_web -i base --model-tag gc_ddp
 #    then RL from arm (a)'s SFT model, and chat_web serving the RL model. compare --nproc 1 also keeps the DDP arm off
 #    the shared-GPU path, so a failure there is DiLoCo's alone
 stage() {  # name, seconds allowed, command...: output in $OUT/<name>.log, outcome and seconds in $OUT/pipeline.txt
-    local name=$1 limit=$2 t0 rc=0 outcome=ok; shift 2
+    local name=$1 limit=$(( $2 * ${GPU_CHECK_SLACK:-$([ "$ON" = cpu ] && echo 4 || echo 1)} )) t0 rc=0 outcome=ok; shift 2
     t0=$(date +%s)
     echo "== $name"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
@@ -242,6 +242,8 @@ pipeline_part() {
         --eval-every 0 --eval-examples 8 || failed=1
     grep -E "^step|^done" "$OUT/chat_rl.log" | sed 's/^/   /'
     NANOCHAT_BASE_DIR="$P" ask_chat_web chat_web_micro -i rl --model-tag ddp
+    printf "%-26s %s of 3 requests answered\n" chat_web_micro \
+        "$(cat "$OUT/chat_web_micro_replies.jsonl" 2>/dev/null | wc -l)" | tee -a "$OUT/pipeline.txt"
 }
 
 [ "$MODE" = pipeline ] || d20_part
