@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import comm
-from nanochat.common import get_base_dir, logger
+from nanochat.common import UsageError, get_base_dir, logger
 
 STAGES = ("base", "mid", "sft", "rl")
 
@@ -133,7 +133,7 @@ def restore_training(ckpt_dir, model, optimizers, sync, device, rank, layout=Non
     Returns (step, meta, extra): extra = the stage's shared state plus, same layout only, this rank's own."""
     step = find_last_step(ckpt_dir)
     if step is None:
-        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+        raise UsageError(f"--resume: no checkpoint in {ckpt_dir}")
     model_state, optim_state, meta, extra = load_checkpoint(ckpt_dir, step, device, rank=rank)
     shared = _load_shared(ckpt_dir, step)
     same_layout = layout is None or meta.get("layout", layout) == layout
@@ -146,7 +146,7 @@ def restore_training(ckpt_dir, model, optimizers, sync, device, rank, layout=Non
         logger.info(f"resumed from {ckpt_dir} step {step}")
         return step, meta, dict((shared or {}).get("extra", {}), **extra)
     if shared is None:
-        raise SystemExit(f"--resume: {_step_dir(ckpt_dir, step)} was saved by {meta.get('layout', 'another layout')} "
+        raise UsageError(f"--resume: {_step_dir(ckpt_dir, step)} was saved by {meta.get('layout', 'another layout')} "
                          f"and holds no world-size-independent state (an older save, or a stage that keeps "
                          f"per-rank state only): resume with the same number of ranks and workers, or without --resume")
     model.load_state_dict(model_state)  # theta_global

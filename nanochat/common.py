@@ -1,14 +1,32 @@
 """Shared plumbing: base directory, logging, device and torchrun/process-group setup."""
 
+import contextlib
 import datetime
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 logger = logging.getLogger("nanochat")
+
+
+class UsageError(ValueError):
+    """A run asked for something that cannot work as given (a flag value, a checkpoint, the hardware); the message
+    says what to do instead. Library code raises it; scripts print it as one line and exit 1 (usage_errors)."""
+
+
+@contextlib.contextmanager
+def usage_errors():
+    """A script's command line: a UsageError ends the process with its one line on stderr, exit status 1."""
+    try:
+        yield
+    except UsageError as e:
+        rank = int(os.environ.get("RANK", 0))
+        print(("" if rank == 0 else f"rank {rank}: ") + f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def get_base_dir():

@@ -13,8 +13,6 @@ import time
 
 import torch
 
-from diloco import add_sync_args, make_sync, make_worker_groups
-from diloco.membership import data_slot
 from nanochat import comm
 from nanochat.checkpoint import checkpoint_dir, restore_training, save_training
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init,
@@ -27,6 +25,7 @@ from nanochat.memory import (batch_size_arg, candidate_batch_sizes, explain_out_
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train_loop import lr_multiplier, metrics_until, muon_momentum, on_theta_global, plan, set_schedule
+from scripts.sync_choice import sync_lib
 
 # Presets: "tiny" learns visibly in minutes on 2 CPU cores; "d20" is nanochat's 8xH100 speedrun model.
 PRESETS = {
@@ -85,7 +84,7 @@ parser.add_argument("--resume", action="store_true", help="continue from the las
 parser.add_argument("--stop-after", type=int, default=-1,
                     help="save and exit after this step without changing the schedule (time-sliced jobs)")
 parser.add_argument("--compile", type=int, choices=[0, 1], default=-1, help="torch.compile (default: on CUDA)")
-add_sync_args(parser)
+sync_lib.add_sync_args(parser)
 args = parser.parse_args()
 
 device_type = args.device_type or autodetect_device_type()
@@ -118,11 +117,12 @@ flops_per_token = model.estimate_flops()
 print0(f"preset {preset} | {model_config} | {num_params:,} parameters | {flops_per_token:.3e} FLOPs/token")
 
 # Synchronisation (the DiLoCo seam), inner optimizers over the gradient-averaging group
-groups = make_worker_groups(args)
+sync_config = sync_lib.sync_config_from_args(args)
+groups = sync_lib.make_worker_groups(sync_config)
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                     matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                     muon_weight_decay=args.muon_weight_decay, process_group=groups.inner)
-sync = make_sync(args, model, optimizers, groups)
+sync = sync_lib.make_sync(sync_config, model, optimizers, groups)
 if args.sync == "diloco":
     print0(f"DiLoCo: {groups.num_workers} workers x {groups.ranks_per_worker} ranks, H={args.diloco_h}, "
            f"outer lr {args.outer_lr}, momentum {args.outer_momentum}, nesterov {args.outer_nesterov}, "
@@ -172,12 +172,12 @@ if args.resume:
     if saved_packing != args.packing:  # a data position counts rows or tokens: it means nothing in the other packing
         raise SystemExit(f"error: {ckpt_dir} was trained with --packing {saved_packing}: resume with --packing {saved_packing}")
     val_bpb, min_val_bpb = meta["val_bpb"], meta["min_val_bpb"]
-elif args.elastic != "off":  # a joining worker continues at the step its peers are at (healed from one)
+elif sync_config.elastic is not None:  # a joining worker continues at the step its peers are at (healed from one)
     start_step = sync.inner_step
 # the loader's rank and world: under --elastic each worker reads its own slot of the data, whoever else is up
-slot, slots = data_slot(args) if args.elastic != "off" else (0, 1)
+slot, slots = sync_config.elastic.data_slot() if sync_config.elastic is not None else (0, 1)
 data_rank, data_world = slot * world_size + rank, slots * world_size
-if args.elastic != "off" and not args.resume:
+if sync_config.elastic is not None and not args.resume:
     loader_state = fresh_loader_state(data_rank, data_world)
 train_loader = tokenizing_distributed_data_loader(args.device_batch_size, args.max_seq_len, "train", tokenizer,
                                                   device, rank=data_rank, world_size=data_world, resume_state=loader_state,
@@ -292,7 +292,7 @@ peak_mib = torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" el
 print0(f"done: {step} steps, {tokens_total:,} tokens, val bpb {val_bpb:.4f}, {train_seconds:.1f} s training" +
        (f", peak memory allocated {peak_mib:,.0f} MiB" if peak_mib is not None else ""))
 if at.last:
-    bytes_across = figures["outer_bytes"] if args.sync == "diloco" else figures["inner_bytes"]
+    bytes_across = figures[f"{sync.across_workers}_bytes"]
     get_report().log(section="Base model training", data=[
         {"preset": preset, "depth": args.depth, "parameters": num_params, "vocab": vocab_size, "ranks": world_size,
          "device_batch_size": args.device_batch_size, "sync": args.sync,

@@ -22,16 +22,16 @@ import time
 
 import torch
 
-from diloco import add_sync_args, make_sync, make_worker_groups
 from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_training
 from nanochat.comm import all_reduce_sum
-from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, device_synchronize,
-                             exit_now, get_dist_info, init_wandb, print0)
+from nanochat.common import (UsageError, autocast_context, autodetect_device_type, compute_cleanup, compute_init,
+                             device_synchronize, exit_now, get_dist_info, init_wandb, print0, usage_errors)
 from nanochat.engine import Engine
 from nanochat.memory import explain_out_of_memory
 from nanochat.report import get_report
 from nanochat.train_loop import on_theta_global, plan, scale_initial_lrs, set_schedule
 from scripts.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
+from scripts.sync_choice import sync_lib
 
 
 def parse_args(argv=None):
@@ -64,7 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the last rl checkpoint of --output-tag")
     parser.add_argument("--stop-after", type=int, default=-1,
                         help="save and exit after this step without changing the schedule (time-sliced jobs)")
-    add_sync_args(parser)
+    sync_lib.add_sync_args(parser)
     return parser.parse_args(argv)
 
 
@@ -139,7 +139,7 @@ def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_lab
     _, rank, _, world = get_dist_info()
     engine = Engine(model, tokenizer)
     if args.examples_per_step % world:
-        raise SystemExit(f"--examples-per-step {args.examples_per_step} must be a multiple of the {world} ranks")
+        raise UsageError(f"--examples-per-step {args.examples_per_step} must be a multiple of the {world} ranks")
     num_steps = args.num_steps if args.num_steps >= 0 else len(train_task) // args.examples_per_step
     sync.set_total_steps(num_steps)  # the outer schedule may end differently
     device = model.get_device()
@@ -222,12 +222,13 @@ def main(argv=None):
            f"{world} rank(s), sync {args.sync}")
     train_task, eval_task, eval_label, trained_on_test = gsm8k_split()
 
-    groups = make_worker_groups(args)
+    sync_config = sync_lib.sync_config_from_args(args)
+    groups = sync_lib.make_worker_groups(sync_config)
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                         process_group=groups.inner)
     scale_initial_lrs(optimizers, args.init_lr_frac)
-    sync = make_sync(args, model, optimizers, groups)
+    sync = sync_lib.make_sync(sync_config, model, optimizers, groups)
 
     ckpt_dir = checkpoint_dir("rl", args.output_tag or meta["model_tag"])
     metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
@@ -298,5 +299,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with usage_errors():  # a flag or checkpoint that cannot work: one line, exit 1
+        main()
     exit_now()  # skip native teardown (see nanochat.common.exit_now)

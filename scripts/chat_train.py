@@ -15,7 +15,6 @@ import time
 
 import torch
 
-from diloco import add_sync_args, make_sync, make_worker_groups
 from nanochat import comm
 from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_training
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init,
@@ -29,6 +28,7 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat.train_loop import (lr_multiplier, metrics_until, muon_momentum, on_theta_global, plan, scale_initial_lrs,
                                  set_schedule)
+from scripts.sync_choice import sync_lib
 from tasks.mixtures import training_mixture, validation_task
 
 STAGES = {
@@ -75,7 +75,7 @@ def parse_args(stage, argv=None):
     parser.add_argument("--stop-after", type=int, default=-1,
                         help="save and exit after this step without changing the schedule (time-sliced jobs)")
     parser.add_argument("--compile", type=int, choices=[0, 1], default=-1, help="torch.compile (default: on CUDA)")
-    add_sync_args(parser)
+    sync_lib.add_sync_args(parser)
     return parser.parse_args(argv)
 
 
@@ -99,11 +99,12 @@ def main(stage, argv=None):
     if examples_per_step % world_size:
         raise SystemExit(f"error: --examples-per-step {examples_per_step} must be a multiple of the {world_size} ranks")
 
-    groups = make_worker_groups(args)
+    sync_config = sync_lib.sync_config_from_args(args)
+    groups = sync_lib.make_worker_groups(sync_config)
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, process_group=groups.inner)
     scale_initial_lrs(optimizers, args.init_lr_frac)
-    sync = make_sync(args, model, optimizers, groups)
+    sync = sync_lib.make_sync(sync_config, model, optimizers, groups)
     use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
 
@@ -168,7 +169,7 @@ def main(stage, argv=None):
                 "source_tag": source_meta["model_tag"], "source_step": source_meta["step"], "val_bpb": val_bpb,
                 "rows": step * examples_per_step, "train_seconds": train_seconds, "sync": args.sync,
                 "inner_bytes": stats["inner"]["bytes"], "outer_bytes": stats["outer"]["bytes"],
-                "bytes_across_workers": stats["outer" if args.sync == "diloco" else "inner"]["bytes"],
+                "bytes_across_workers": stats[sync.across_workers]["bytes"],
                 "mixture": used, "missing": missing}
         save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra={"loader": loader_state},
                       shared={"loader": global_loader_state(loader_state)}, layout=layout)
