@@ -20,12 +20,15 @@ import torch.distributed as dist
 
 from nanochat import comm
 from nanochat.common import UsageError, get_base_dir, logger
+from nanochat.stage import STAGES, check_stage
 
-STAGES = ("base", "mid", "sft", "rl")
+
+class CheckpointNotFound(UsageError, FileNotFoundError):
+    """No complete checkpoint where one was asked for; the message says which command makes one."""
 
 
 def checkpoint_dir(stage, model_tag):
-    assert stage in STAGES, f"unknown stage {stage!r}, expected one of {STAGES}"
+    check_stage(stage)
     return os.path.join(get_base_dir(), "checkpoints", stage, model_tag)
 
 
@@ -179,8 +182,8 @@ def latest_model_tag(stage):
     root = os.path.join(get_base_dir(), "checkpoints", stage)
     tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
     if not tags:
-        raise FileNotFoundError(f"no {stage} checkpoints under {root}: train one first "
-                                f"(e.g. python -m scripts.{ {'base': 'base_train', 'mid': 'mid_train', 'sft': 'chat_sft', 'rl': 'chat_rl'}[stage]})")
+        raise CheckpointNotFound(f"no {stage} checkpoints under {root}: train one first (e.g. python -m "
+                                 f"{STAGES[stage].script})")
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
 
 
@@ -201,7 +204,8 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     ckpt_dir = checkpoint_dir(source, model_tag)
     step = find_last_step(ckpt_dir) if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+        raise CheckpointNotFound(f"no complete checkpoint in {ckpt_dir}: train it first (python -m "
+                                 f"{STAGES[source].script} ...), or pass the --model-tag of one that exists")
     model_state, _, meta, _ = load_checkpoint(ckpt_dir, step, device, load_optimizer=False)
     model = build_model(model_state, meta, device, phase)
     tokenizer = get_tokenizer()

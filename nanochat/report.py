@@ -12,11 +12,12 @@ import subprocess
 import sys
 
 from nanochat.common import get_base_dir
+from nanochat.stage import STAGES
 
-# order of sections in the final report; unknown sections follow in name order
-SECTION_ORDER = ["Environment", "Tokenizer training", "Tokenizer evaluation", "Base model training",
-                 "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
-                 "Chat RL", "Chat evaluation rl"]
+# order of sections in the final report: each stage's training, then its evaluation; unknown sections follow
+SECTION_ORDER = ["Environment", "Tokenizer training", "Tokenizer evaluation"] + [
+    title for s in STAGES.values()
+    for title in (s.section, "Base model evaluation" if s.name == "base" else f"Chat evaluation {s.name}")]
 # metrics pulled into the summary table: (section, key)
 SUMMARY_KEYS = ["val_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
 

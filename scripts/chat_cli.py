@@ -13,9 +13,10 @@ from nanochat.checkpoint import load_model
 from nanochat.common import autodetect_device_type, compute_init
 from nanochat.decode import for_inference
 from nanochat.engine import Engine, StreamDecoder
+from nanochat.stage import STAGE_NAMES
 
 parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
-parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
+parser.add_argument("-i", "--source", type=str, default="sft", choices=STAGE_NAMES, help="which stage's checkpoint")
 parser.add_argument("--model-tag", type=str, default=None, help="model tag (default: the latest)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")

@@ -29,6 +29,7 @@ from nanochat.common import (autocast_context, autodetect_device_type, compute_c
 from nanochat.decode import for_inference
 from nanochat.engine import Engine
 from nanochat.report import get_report
+from nanochat.stage import STAGE_NAMES
 
 TASK_NAMES = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
 # accuracy of guessing, subtracted out by ChatCORE (as nanochat: 4 choices, and nothing to guess in generation)
@@ -198,7 +199,7 @@ def write_json_atomic(path, obj):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a chat model: ARC, MMLU, GSM8K, HumanEval, ChatCORE")
-    parser.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
+    parser.add_argument("-i", "--source", required=True, choices=STAGE_NAMES, help="which stage's checkpoint")
     parser.add_argument("--model-tag", default=None, help="model tag (default: the latest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("-a", "--task-name", default="all", help=f"'all' or tasks joined by '|': {'|'.join(TASK_NAMES)}")

@@ -29,6 +29,7 @@ from nanochat.common import (UsageError, autocast_context, autodetect_device_typ
 from nanochat.engine import Engine
 from nanochat.memory import explain_out_of_memory
 from nanochat.report import get_report
+from nanochat.stage import STAGE_NAMES, STAGES
 from nanochat.train_loop import on_theta_global, plan, scale_initial_lrs, set_schedule
 from scripts.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
 from scripts.sync_choice import sync_lib
@@ -36,7 +37,7 @@ from scripts.sync_choice import sync_lib
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="RL on GSM8K (policy gradient) from an SFT checkpoint, DDP or DiLoCo")
-    parser.add_argument("-i", "--source", default="sft", choices=["mid", "sft", "rl"], help="checkpoint to start from")
+    parser.add_argument("-i", "--source", default="sft", choices=STAGE_NAMES, help="checkpoint to start from")
     parser.add_argument("--model-tag", default=None, help="model tag of the source (default: the latest)")
     parser.add_argument("--output-tag", default=None, help="rl checkpoint folder (default: the source's model tag)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
@@ -209,6 +210,11 @@ def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_lab
 
 def main(argv=None):
     args = parse_args(argv)
+    sync_config = sync_lib.sync_config_from_args(args)
+    if sync_config.elastic is not None:  # refused rather than silently wrong
+        raise UsageError("chat_rl does not take --elastic: its prompts are dealt by rank within one torchrun job, so "
+                         "every elastic worker would roll out the same prompts; run RL with a fixed set of workers "
+                         "(--sync diloco without --elastic)")
     device_type = args.device_type or autodetect_device_type()
     explain_out_of_memory(args.device_batch_size)  # an OOM ends the run with one line saying what to try
     _, rank, _, world, device = compute_init(device_type, seed=args.seed, timeout_s=args.collective_timeout)
@@ -217,12 +223,11 @@ def main(argv=None):
     try:
         model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
     except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
+        raise UsageError(str(e)) from e
     print0(f"RL from {args.source}/{meta['model_tag']} step {meta['step']} | {model.num_params():,} parameters | "
            f"{world} rank(s), sync {args.sync}")
     train_task, eval_task, eval_label, trained_on_test = gsm8k_split()
 
-    sync_config = sync_lib.sync_config_from_args(args)
     groups = sync_lib.make_worker_groups(sync_config)
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
@@ -256,7 +261,7 @@ def main(argv=None):
     def save(step, loop_state):
         rl_meta = {"model_config": meta["model_config"], "user_config": vars(args), "stage": "rl",
                    "parent": {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"]},
-                   "eval_label": eval_label, "pass@1": last_eval.get("pass@1"), "world_size": world, "sync": args.sync,
+                   "eval_label": eval_label, "pass@1": last_eval.get("pass@1"), "world_size": world, "sync": sync.mode,
                    "trained_on_test": trained_on_test or {}, "train_seconds": time.time() - t0}
         save_training(ckpt_dir, step, model, optimizers, sync, rl_meta, rank, extra={"loop": loop_state})
 
@@ -288,8 +293,8 @@ def main(argv=None):
     else:
         verdict = f"mean reward did not improve ({first:.4f} -> {final:.4f})"
     print0(f"done: {verdict}")
-    get_report().log(section="Chat RL", data=[
-        {"source": f"{args.source}/{meta['model_tag']} step {meta['step']}", "ranks": world, "sync": args.sync,
+    get_report().log(section=STAGES["rl"].section, data=[
+        {"source": f"{args.source}/{meta['model_tag']} step {meta['step']}", "ranks": world, "sync": sync.mode,
          "examples_per_step": args.examples_per_step, "num_samples": args.num_samples, "train split":
          "GSM8K test[first half] (offline: no train split)" if trained_on_test else "GSM8K train"},
         summary, verdict])

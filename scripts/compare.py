@@ -32,6 +32,7 @@ from diloco.recipes import RECIPES, recipe_flags
 from nanochat.checkpoint import checkpoint_dir, find_last_step
 from nanochat.common import get_base_dir
 from nanochat.report import environment
+from nanochat.stage import lineage
 
 ARMS = {"ddp": ("ddp", "ddp"), "diloco": ("diloco", "diloco"), "diloco_ddp": ("diloco", "ddp"),
         "ddp_diloco": ("ddp", "diloco")}
@@ -326,7 +327,7 @@ def collect_arm(runner, arm_tag, stages, base_tag):
 LOGP_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU"]
 COLUMNS = ["val_bpb", "chat_bpb_base", "mid_val_bpb", "sft_val_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU",
            "GSM8K", "HumanEval", "ChatCORE", "bytes_across_workers", "wall_seconds"]
-STAGES = ["base", "mid", "sft"]
+STAGES = lineage("sft")  # the stages of every arm (nanochat/stage.py)
 
 
 def fmt(key, value):
@@ -347,7 +348,7 @@ def effective_config(config):
 def differing_hyperparameters(results):
     """Every (stage, flag) whose value differs between arms."""
     rows = []
-    for stage in ("base", "mid", "sft"):
+    for stage in STAGES:
         configs = {arm: effective_config(r["configs"][stage]) for arm, r in results.items()}
         keys = sorted(set().union(*(c.keys() for c in configs.values())))
         for key in keys:
