@@ -52,7 +52,7 @@ from diloco.codecs import CODECS, add_codec_args, codec_config_from_args, make_c
 from diloco.fragments import split_into_fragments
 from diloco.recipes import RECIPES
 from nanochat.checkpoint import checkpoint_dir
-from nanochat.common import autocast_context, autodetect_device_type, device_synchronize, get_base_dir
+from nanochat.common import autocast_context, autodetect_device_type, device_synchronize, get_base_dir, write_atomic
 from nanochat.dataset import list_parquet_files
 from nanochat.gpt import GPTConfig, gpt_on_meta
 
@@ -414,15 +414,8 @@ def plot_front(rows, path):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 if args.sweep:

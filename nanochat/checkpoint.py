@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import comm
-from nanochat.common import UsageError, get_base_dir, logger
+from nanochat.common import UsageError, get_base_dir, logger, write_atomic
 from nanochat.stage import STAGES, check_stage
 
 
@@ -42,9 +42,7 @@ def _barrier():
 
 
 def _atomic_torch_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, extra=None, shared=None):
@@ -66,9 +64,7 @@ def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, 
     _barrier()
     if rank == 0:
         meta = dict(meta, step=step)
-        with open(os.path.join(partial, "meta.json.tmp"), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-        os.replace(os.path.join(partial, "meta.json.tmp"), os.path.join(partial, "meta.json"))
+        write_atomic(os.path.join(partial, "meta.json"), json.dumps(meta, indent=2, default=str))
         if os.path.exists(final):  # re-saving the same step: move the old one aside, then drop it
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.replace(final, final + ".old")

@@ -36,6 +36,24 @@ def get_base_dir():
     return base_dir
 
 
+def write_atomic(path, data):
+    """Write `data` (str, bytes, or a function that writes to the open binary file) to `path` through a temporary
+    file beside it and a rename, so a reader, or a run killed mid-write, never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def get_dist_info():
     """(is_distributed, rank, local_rank, world_size) from torchrun's environment."""
     if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):

@@ -31,8 +31,8 @@ from nanochat.memory import explain_out_of_memory
 from nanochat.report import get_report
 from nanochat.stage import STAGE_NAMES, STAGES
 from nanochat.train_loop import on_theta_global, plan, scale_initial_lrs, set_schedule
-from scripts.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
 from scripts.sync_choice import sync_lib
+from tasks.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
 
 
 def parse_args(argv=None):
