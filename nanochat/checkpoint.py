@@ -98,7 +98,7 @@ def load_checkpoint(ckpt_dir, step, device, rank=0, load_optimizer=True):
     d = _step_dir(ckpt_dir, step)
     meta_path = os.path.join(d, "meta.json")
     if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"no complete checkpoint at {d}")
+        raise CheckpointNotFound(f"no complete checkpoint at {d}: pass the --step of one that exists (or none: the last)")
     try:
         with open(meta_path) as f:
             meta = json.load(f)

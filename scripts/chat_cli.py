@@ -10,7 +10,7 @@ Commands in interactive mode: 'quit' (or 'exit', Ctrl-D) leaves, 'clear' starts 
 import argparse
 
 from nanochat.checkpoint import load_model
-from nanochat.common import autodetect_device_type, compute_init
+from nanochat.common import autodetect_device_type, compute_init, usage_errors
 from nanochat.decode import for_inference
 from nanochat.engine import Engine, StreamDecoder
 from nanochat.stage import STAGE_NAMES
@@ -28,10 +28,8 @@ parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", 
 args = parser.parse_args()
 
 _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
-try:
+with usage_errors():  # no such checkpoint: one line saying which command makes it
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-except FileNotFoundError as e:
-    raise SystemExit(f"error: {e}")
 engine = Engine(for_inference(model), tokenizer)  # CUDA: bf16 weights, decoding as a CUDA graph
 context_len = model.config.sequence_len
 

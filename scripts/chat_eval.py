@@ -20,7 +20,7 @@ import os
 
 from nanochat.checkpoint import load_model
 from nanochat.common import (autodetect_device_type, compute_cleanup, compute_init, exit_now, get_base_dir, print0,
-                             write_atomic)
+                             usage_errors, write_atomic)
 from nanochat.decode import for_inference
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -50,10 +50,7 @@ def main(argv=None):
         if name not in TASK_NAMES:
             parser.error(f"unknown task {name!r}, expected 'all' or some of {'|'.join(TASK_NAMES)}")
     _, rank, _, world, device = compute_init(args.device_type or autodetect_device_type())
-    try:
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     engine = Engine(for_inference(model), tokenizer)  # CUDA: bf16 weights, decoding as a CUDA graph
     print0(f"chat eval: {args.source}/{meta['model_tag']} step {meta['step']} | {world} rank(s) on {device} | "
            f"max problems {args.max_problems or 'all'}")
@@ -104,5 +101,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with usage_errors():  # e.g. no such checkpoint: one line saying which command makes it
+        main()
     exit_now()  # skip native teardown (see nanochat.common.exit_now)

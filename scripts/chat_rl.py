@@ -220,10 +220,7 @@ def main(argv=None):
     _, rank, _, world, device = compute_init(device_type, seed=args.seed, timeout_s=args.collective_timeout)
     master = rank == 0
     wandb_run = init_wandb(args.run, "nanochat-diloco-rl", vars(args), master)
-    try:
-        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
+    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
     print0(f"RL from {args.source}/{meta['model_tag']} step {meta['step']} | {model.num_params():,} parameters | "
            f"{world} rank(s), sync {args.sync}")
     train_task, eval_task, eval_label, trained_on_test = gsm8k_split()

@@ -15,7 +15,7 @@ import torch
 from nanochat import comm
 from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_training
 from nanochat.common import (UsageError, autocast_context, autodetect_device_type, compute_cleanup, compute_init,
-                             init_wandb, print0)
+                             exit_now, init_wandb, print0, usage_errors)
 from nanochat.dataloader import (conversation_padded_loader, conversation_stream_loader, count_conversation_tokens,
                                  fresh_loader_state, global_loader_state)
 from nanochat.loss_eval import evaluate_bpb
@@ -64,6 +64,13 @@ def parse_args(stage, argv=None):
     parser.add_argument("--eval-batches", type=int, default=20, help="val batches per eval and rank")
     sync_lib.add_sync_args(parser)
     return parser.parse_args(argv)
+
+
+def cli(stage):
+    """`python -m scripts.mid_train` / `scripts.chat_sft`: a flag or checkpoint that cannot work is one line, exit 1."""
+    with usage_errors():
+        main(stage)
+    exit_now()  # skip native teardown (see nanochat.common.exit_now)
 
 
 def main(stage, argv=None):
