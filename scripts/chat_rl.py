@@ -23,14 +23,14 @@ import time
 import torch
 
 from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_training
-from nanochat.comm import all_reduce_sum
+from nanochat.comm import all_reduce_sum, global_comm_stats
 from nanochat.common import (UsageError, autocast_context, autodetect_device_type, compute_cleanup, compute_init,
                              device_synchronize, exit_now, get_dist_info, init_wandb, print0, usage_errors)
 from nanochat.engine import Engine
 from nanochat.memory import explain_out_of_memory
 from nanochat.report import get_report
 from nanochat.stage import STAGE_NAMES, STAGES
-from nanochat.train_loop import on_theta_global, plan, scale_initial_lrs, set_schedule
+from nanochat.train_loop import bytes_across_workers, on_theta_global, plan, scale_initial_lrs, set_schedule
 from scripts.sync_choice import sync_lib
 from tasks.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
 
@@ -280,6 +280,7 @@ def main(argv=None):
                "eval problems": evals[-1]["eval_total"], "seconds": seconds, "outer_wait_seconds": sync.wait_seconds}
     informative = torch.tensor([sum(h["informative"] for h in history if "reward" in h)], device=device)
     all_reduce_sum(informative)
+    summary["bytes_across_workers"] = bytes_across_workers(sync, global_comm_stats())  # collective: every rank
     summary["samples with a nonzero advantage (all ranks)"] = informative.item()
     if informative.item() == 0:  # say so rather than let a flat curve pass for training
         verdict = ("all samples of each prompt got the same reward: every advantage was 0, the policy gradient "

@@ -64,3 +64,11 @@ def test_ddp_base_training_runs_without_diloco_and_trains_the_same(base_dir):
     wrapped, wrapped_meta = train("wrapped", block=False)
     assert "diloco_h" in wrapped_meta["user_config"]
     assert alone.keys() == wrapped.keys() and all(torch.equal(alone[k], wrapped[k]) for k in alone)
+
+
+def test_a_library_usage_error_reaches_the_command_line_as_one_line_naming_the_fix(base_dir):
+    proc = subprocess.run([sys.executable, "-m", "scripts.chat_sft", "--device-type", "cpu"], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: no mid checkpoints under {base_dir}/checkpoints/mid: train one first (e.g. python -m scripts.mid_train)")
