@@ -16,8 +16,8 @@ import time
 from types import SimpleNamespace
 
 from nanochat.common import UsageError, device_synchronize, print0
-from nanochat.memory import batch_size_arg, candidate_batch_sizes, explain_out_of_memory, find_device_batch_size, \
-    training_step_trial
+from nanochat.memory import (batch_size_arg, candidate_batch_sizes, explain_out_of_memory, find_device_batch_size,
+                             training_step_trial)
 from nanochat.optim import Muon
 
 
@@ -133,14 +133,12 @@ class MetricsLog:
     def __init__(self, ckpt_dir, wandb_run, master, resumed_at=None):
         self.path, self.wandb_run, self.master = os.path.join(ckpt_dir, "metrics.jsonl"), wandb_run, master
         kept = metrics_until(self.path, resumed_at) if resumed_at is not None and os.path.exists(self.path) else []
-        self.records = list(kept)
         if master:  # the resumed run appends the rest
             os.makedirs(ckpt_dir, exist_ok=True)
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(record) + "\n" for record in kept)
 
     def log(self, record, wandb=True):
-        self.records.append(record)
         if self.master:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -166,9 +164,9 @@ def train_steps(sync, start_step, num_steps, grad_accum_steps, micro_step, next_
     """The optimizer-step loop of every stage. Before each step (and after the last): at_checkpoint(step, at), on
     theta_global and on every rank, when plan() says to eval, sample or save. Each step: grad_accum_steps micro-steps
     of micro_step(*next_batch()) (the loss divided by grad_accum_steps is backpropagated), schedule(step) -> lr
-    multiplier (it sets the optimizers' lrs), sync.step(); then on_step(step, loss, lrm, dt).
-    -> (the last step reached, its plan, seconds spent in optimizer steps)."""
-    seconds, step, at = 0.0, start_step, None
+    multiplier (it sets the optimizers' lrs), sync.step(); then on_step(step, loss, lrm, dt), dt the step's seconds
+    (device synchronised). -> (the last step reached, its plan)"""
+    step, at = start_step, None
     for step in range(start_step, num_steps + 1):
         at = plan(step, num_steps, resumed_at=start_step if resumed else None, stop_after=stop_after,
                   eval_every=eval_every, sample_every=sample_every, save_every=save_every)
@@ -185,7 +183,5 @@ def train_steps(sync, start_step, num_steps, grad_accum_steps, micro_step, next_
         lrm = schedule(step)
         sync.step()
         device_synchronize(device_type)
-        dt = time.time() - t0
-        seconds += dt
-        on_step(step, loss, lrm, dt)
-    return step, at, seconds
+        on_step(step, loss, lrm, time.time() - t0)
+    return step, at

@@ -195,7 +195,7 @@ def main(argv=None):
         stats = stats or comm.global_comm_stats()
         return {f"{label}_bytes": stats[label]["bytes"] for label in ("inner", "outer")}
 
-    state = {"val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "smooth_loss": 0.0}
+    state = {"val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "smooth_loss": 0.0, "seconds": train_seconds}
 
     def at_checkpoint(step, at):  # on theta_global, every rank; rank 0 samples and writes
         tokens_seen = step * args.total_batch_size
@@ -207,20 +207,18 @@ def main(argv=None):
             print0(f"step {step:05d} | val bpb {state['val_bpb']:.4f} | tokens {tokens_seen:,} | "
                    f"inner {figures['inner_bytes']:,} B | outer {figures['outer_bytes']:,} B")
             metrics.log({"step": step, "tokens": tokens_seen, "val_bpb": state["val_bpb"],
-                         "train_seconds": train_seconds + seconds_so_far(), **figures})
+                         "train_seconds": state["seconds"], **figures})
         if at.sample and master:
             sample()
         if at.save:
             meta = {"model_config": vars(model_config), "user_config": vars(args), "stage": "base", "preset": preset,
                     "val_bpb": state["val_bpb"], "min_val_bpb": state["min_val_bpb"], "tokens": tokens_seen,
-                    "train_seconds": train_seconds + seconds_so_far(), "num_iterations": num_iterations,
+                    "train_seconds": state["seconds"], "num_iterations": num_iterations,
                     "world_size": world_size, "sync": sync.mode, **comm_figures()}
             save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra={"loader": position["loader"]},
                           shared={"loader": global_loader_state(position["loader"])}, layout=layout)
 
     peak = peak_flops(device)
-    step_seconds = []
-    seconds_so_far = lambda: sum(step_seconds)
 
     def schedule(step):
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
@@ -228,7 +226,7 @@ def main(argv=None):
         return lrm
 
     def on_step(step, loss, lrm, dt):
-        step_seconds.append(dt)
+        state["seconds"] += dt
         loss_value = loss.item()  # this rank's last micro-batch loss: no extra communication just to log
         state["smooth_loss"] = 0.9 * state["smooth_loss"] + 0.1 * loss_value
         debiased = state["smooth_loss"] / (1 - 0.9 ** (step - start_step + 1))
@@ -241,11 +239,11 @@ def main(argv=None):
         metrics.log({"step": step + 1, "loss": loss_value, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s,
                      "outer_wait_seconds": sync.wait_seconds})
 
-    step, at, seconds = train_steps(sync, start_step, num_iterations, grad_accum_steps, micro_step, next_batch, schedule,
-                                    device_type=device_type, resumed=args.resume, stop_after=args.stop_after,
-                                    eval_every=args.eval_every, sample_every=args.sample_every,
-                                    save_every=args.save_every, at_checkpoint=at_checkpoint, on_step=on_step)
-    train_seconds += seconds
+    step, at = train_steps(sync, start_step, num_iterations, grad_accum_steps, micro_step, next_batch, schedule,
+                           device_type=device_type, resumed=args.resume, stop_after=args.stop_after,
+                           eval_every=args.eval_every, sample_every=args.sample_every, save_every=args.save_every,
+                           at_checkpoint=at_checkpoint, on_step=on_step)
+    train_seconds = state["seconds"]
 
     # Summary
     stats = comm.global_comm_stats()

@@ -195,10 +195,10 @@ def main(stage, argv=None):
         metrics.log({"step": step + 1, "loss": loss.item(), "outer_wait_seconds": sync.wait_seconds}, wandb=False)
         wandb_run.log({"step": step + 1, "loss": loss.item(), "lrm": lrm})
 
-    step, at, _ = train_steps(sync, start_step, num_iterations, grad_accum_steps, micro_step, next_batch, schedule,
-                              device_type=device_type, resumed=args.resume, stop_after=args.stop_after,
-                              eval_every=args.eval_every, save_every=args.save_every, at_checkpoint=at_checkpoint,
-                              on_step=on_step)
+    step, at = train_steps(sync, start_step, num_iterations, grad_accum_steps, micro_step, next_batch, schedule,
+                           device_type=device_type, resumed=args.resume, stop_after=args.stop_after,
+                           eval_every=args.eval_every, save_every=args.save_every, at_checkpoint=at_checkpoint,
+                           on_step=on_step)
     if not at.last:
         print0(f"stopped after step {step}: continue with --resume")
         compute_cleanup()
