@@ -46,11 +46,15 @@ runpy.run_module("scripts.base_train", run_name="__main__")
 
 
 def train(tag, block):
+    """base_train's DDP path for 2 steps: in a process where diloco cannot be imported, or in this one."""
     flags = TINY_MODEL + ["--num-iterations", "2", "--eval-every", "0", "--device-type", "cpu", "--model-tag", tag]
-    cmd = [sys.executable, "-c", BLOCKED, *flags] if block else [sys.executable, "-m", "scripts.base_train", *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if block:
+        proc = subprocess.run([sys.executable, "-c", BLOCKED, *flags], cwd=ROOT, capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        from scripts import base_train
+        base_train.main(flags)
     d = checkpoint_dir("base", tag)
     model, _, meta, _ = load_checkpoint(d, find_last_step(d), "cpu")
     return model, meta
