@@ -47,12 +47,12 @@ import time
 
 import torch
 
-from diloco import add_sync_args, make_sync, make_worker_groups
-from diloco.codecs import CODECS, add_codec_args, make_codec
+from diloco import add_sync_args, make_sync, make_worker_groups, sync_config_from_args
+from diloco.codecs import CODECS, add_codec_args, codec_config_from_args, make_codec
 from diloco.fragments import split_into_fragments
 from diloco.recipes import RECIPES
 from nanochat.checkpoint import checkpoint_dir
-from nanochat.common import autocast_context, autodetect_device_type, device_synchronize, get_base_dir
+from nanochat.common import autocast_context, autodetect_device_type, device_synchronize, get_base_dir, write_atomic
 from nanochat.dataset import list_parquet_files
 from nanochat.gpt import GPTConfig, gpt_on_meta
 
@@ -206,7 +206,7 @@ def fragment_codecs(compression, fragments, params):
     """The codec of each fragment, as base_train builds them (any --outer-* in the passed-on flags count)."""
     codec_args = add_codec_args(argparse.ArgumentParser()).parse_known_args(["--outer-compression", compression,
                                                                              *train_args])[0]
-    return [make_codec(codec_args, [p.numel() for p in frag], "cpu") for frag in split_into_fragments(params, fragments)]
+    return [make_codec(codec_config_from_args(codec_args), [p.numel() for p in frag], "cpu") for frag in split_into_fragments(params, fragments)]
 
 
 def exchanges(h, fragments, overlap, f):
@@ -253,8 +253,8 @@ def measure_overhead(meta, h, rounds):
                     opt.step()
                 model.zero_grad(set_to_none=True)
             return model, step, None
-        sync_args = add_sync_args(argparse.ArgumentParser()).parse_args(["--sync", sync_mode, "--diloco-h", str(h)])
-        sync = make_sync(sync_args, model, opts, make_worker_groups(sync_args))
+        config = sync_config_from_args(add_sync_args(argparse.ArgumentParser()).parse_args(["--sync", sync_mode, "--diloco-h", str(h)]))
+        sync = make_sync(config, model, opts, make_worker_groups(config))
         return model, sync.step, sync
 
     arms = {"plain": build(None), "diloco": build("diloco"), "ddp": build("ddp")}
@@ -414,15 +414,8 @@ def plot_front(rows, path):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 if args.sweep:

@@ -30,9 +30,10 @@ import torch
 from nanochat.common import autocast_context, autodetect_device_type, compute_init, device_synchronize
 from nanochat.decode import Decoder, for_inference
 from nanochat.gpt import KVCache, config_from_depth, gpt_on_meta
+from nanochat.stage import STAGE_NAMES
 
 parser = argparse.ArgumentParser(description="Benchmark inference: prefill/decode tokens/s, CUDA graph, KV cache vs recompute")
-parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage (without --depth)")
+parser.add_argument("-i", "--source", type=str, default="sft", choices=STAGE_NAMES, help="checkpoint stage (without --depth)")
 parser.add_argument("--model-tag", type=str, default=None)
 parser.add_argument("--step", type=int, default=None)
 parser.add_argument("--depth", type=int, default=0, help="benchmark a randomly initialised model of this depth instead of a checkpoint")

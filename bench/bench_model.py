@@ -196,6 +196,7 @@ def build_nanochat(job, shape, vocab, steps):
 
 def prepare_batches(path, steps, seeds):
     """Train rows for every seed's slice and the val rows, tokenized once with our tokenizer."""
+    from nanochat.common import write_atomic
     from nanochat.dataloader import ROW_POOLS, tokenizing_distributed_data_loader
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
     try:
@@ -214,9 +215,7 @@ def prepare_batches(path, steps, seeds):
                 return torch.cat(out) if split == "train" else torch.stack(out)
     data = dict(train=rows("train", steps * seeds), val=rows("val", VAL_BATCHES), token_bytes=token_bytes,
                 vocab_size=tokenizer.get_vocab_size())
-    tmp = path + ".tmp"
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(data, f))
 
 
 def launch(job):
@@ -253,9 +252,8 @@ def run_all(jobs, results, results_path, parallel):
 
 
 def save(results, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f)
-    os.replace(path + ".tmp", path)
+    from nanochat.common import write_atomic  # ours (a job may have imported another nanochat: not in this process)
+    write_atomic(path, json.dumps(results))
 
 
 def key(job):

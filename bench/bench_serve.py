@@ -36,6 +36,8 @@ import time
 
 import httpx
 
+from nanochat.stage import STAGE_NAMES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = [{"role": "user", "content": "tell me about the owl"}]
 
@@ -262,7 +264,7 @@ def main():
     parser.add_argument("--server-pid", type=int, default=None, help="with --url: its pid, for the memory figures")
     parser.add_argument("--api-key", type=str, default=os.environ.get("NANOCHAT_API_KEY"), help="with --url")
     parser.add_argument("--tiny", action="store_true", help="serve the tests' tiny checkpoint (built on first use)")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"])
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=STAGE_NAMES)
     parser.add_argument("--model-tag", type=str, default=None)
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"])
@@ -285,8 +287,7 @@ def main():
         flags = ["--num-gpus", str(args.num_gpus), "--max-queue", str(args.burst + args.streams),
                  "--max-connections", str(args.max_connections or args.burst + args.streams + 100)]
         if args.tiny:
-            sys.path.insert(0, ROOT)
-            from tests.helpers_tiny import TAG, build_tiny
+            from nanochat.tiny import TAG, build_tiny  # imports torch: only when it is asked for
             base = tempfile.mkdtemp(prefix="bench_serve_")
             build_tiny(base)
             env.update(NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

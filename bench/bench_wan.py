@@ -41,7 +41,7 @@ from contextlib import contextmanager
 import torch
 
 from nanochat.checkpoint import checkpoint_dir
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, write_atomic
 from nanochat.dataset import list_parquet_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -492,12 +492,6 @@ def plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ export_tasks('$DATA/tasks', limit=1000); export_core('$DATA/tasks', limit=100)"
     NANOCHAT_BASE_DIR="$DATA/greedy" "$PY" - <<'EOF'
 import os
 from nanochat.dataset import build_offline
-from tests.helpers_tiny import build_tiny, synthetic_conversations
+from nanochat.tiny import build_tiny, synthetic_conversations
 build_tiny(os.environ["NANOCHAT_BASE_DIR"])
 build_offline(conversations=[{"id": f"c{i}", "conversations": [
     {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in c["messages"]]}

@@ -72,11 +72,13 @@ is sent, but quantisation and error feedback still apply.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from nanochat import comm
+from nanochat.common import UsageError
 
 QUANT_CHUNK = 256  # elements per fp32 scale for int8/int4: 1.6% overhead at int8, finer than per tensor
 
@@ -505,42 +507,76 @@ class SparseLoCoCodec(Codec):
 CODECS = {c.name: c for c in (NoneCodec, BF16Codec, Int8Codec, Int4Codec, TopKCodec, DCTCodec, SparseLoCoCodec)}
 
 
+@dataclass
+class CodecConfig:
+    """Which codec carries the outer exchange, and its parameters (the --outer-* flags: codec_config_from_args).
+
+    Args:
+        name: one of CODECS.
+        topk_fraction: topk: fraction of each tensor's entries sent per outer sync.
+        dct_fraction: dct: fraction of the DCT coefficients of each chunk sent per outer sync.
+        dct_chunk: dct: elements per DCT chunk (at most 256).
+        dct_bits: dct: bits per sent coefficient (8: int8 with one fp32 scale per tensor; 32: fp32).
+        sparseloco_density: sparseloco: fraction of each chunk's entries sent per outer sync.
+        sparseloco_chunk: sparseloco: elements per top-k chunk.
+        sparseloco_bits: sparseloco: bits per sent value (2 or 32).
+        ef_decay: sparseloco, dct: decay of each worker's error feedback / momentum.
+    """
+    name: str = "none"
+    topk_fraction: float = 0.02
+    dct_fraction: float = 1 / 32
+    dct_chunk: int = 64
+    dct_bits: int = 8
+    sparseloco_density: float = 1 / 64
+    sparseloco_chunk: int = 4096
+    sparseloco_bits: int = 2
+    ef_decay: float = 0.95
+
+
 def add_codec_args(group):
     """The codec flags, on an argparse parser or argument group (returned)."""
+    d = CodecConfig()
     table = "; ".join(f"{name}: {c.summary}" for name, c in CODECS.items())
-    group.add_argument("--outer-compression", choices=list(CODECS), default="none",
+    group.add_argument("--outer-compression", choices=list(CODECS), default=d.name,
                        help=f"codec of the outer exchange across workers. {table}")
-    group.add_argument("--outer-topk-fraction", type=float, default=0.02,
+    group.add_argument("--outer-topk-fraction", type=float, default=d.topk_fraction,
                        help="topk: fraction of each tensor's entries sent per outer sync")
-    group.add_argument("--outer-dct-fraction", type=float, default=1 / 32,
+    group.add_argument("--outer-dct-fraction", type=float, default=d.dct_fraction,
                        help="dct: fraction of the DCT coefficients of each chunk sent per outer sync")
-    group.add_argument("--outer-dct-chunk", type=int, default=64,
+    group.add_argument("--outer-dct-chunk", type=int, default=d.dct_chunk,
                        help="dct: elements per DCT chunk (at most 256)")
-    group.add_argument("--outer-dct-bits", type=int, choices=[8, 32], default=8,
+    group.add_argument("--outer-dct-bits", type=int, choices=[8, 32], default=d.dct_bits,
                        help="dct: bits per sent coefficient (8: int8 with one fp32 scale per tensor; 32: fp32)")
-    group.add_argument("--outer-sparseloco-density", type=float, default=1 / 64,
+    group.add_argument("--outer-sparseloco-density", type=float, default=d.sparseloco_density,
                        help="sparseloco: fraction of each chunk's entries sent per outer sync (1/64: 64 of 4096)")
-    group.add_argument("--outer-sparseloco-chunk", type=int, default=4096,
+    group.add_argument("--outer-sparseloco-chunk", type=int, default=d.sparseloco_chunk,
                        help="sparseloco: elements per top-k chunk (a tensor smaller than this is one chunk)")
-    group.add_argument("--outer-sparseloco-bits", type=int, choices=[2, 32], default=2,
+    group.add_argument("--outer-sparseloco-bits", type=int, choices=[2, 32], default=d.sparseloco_bits,
                        help="sparseloco: bits per sent value (2: four levels per tensor; 32: fp32)")
-    group.add_argument("--outer-ef-decay", type=float, default=0.95,
+    group.add_argument("--outer-ef-decay", type=float, default=d.ef_decay,
                        help="sparseloco, dct: decay of each worker's error feedback / momentum, e = decay * e + delta "
                             "(these codecs replace the outer momentum: the outer SGD runs without it)")
     return group
 
 
-def make_codec(args, sizes, device):
-    """The codec named by args.outer_compression for flat vectors of pieces of `sizes` elements."""
-    name = args.outer_compression
+def codec_config_from_args(args):
+    """The flags of add_codec_args as a CodecConfig."""
+    return CodecConfig(name=args.outer_compression, topk_fraction=args.outer_topk_fraction,
+                       dct_fraction=args.outer_dct_fraction, dct_chunk=args.outer_dct_chunk, dct_bits=args.outer_dct_bits,
+                       sparseloco_density=args.outer_sparseloco_density, sparseloco_chunk=args.outer_sparseloco_chunk,
+                       sparseloco_bits=args.outer_sparseloco_bits, ef_decay=args.outer_ef_decay)
+
+
+def make_codec(config, sizes, device):
+    """The codec a CodecConfig names, for flat vectors of pieces of `sizes` elements."""
+    name = config.name
     if name not in CODECS:
-        raise ValueError(f"unknown --outer-compression {name!r}, expected one of {', '.join(CODECS)}")
+        raise UsageError(f"unknown --outer-compression {name!r}, expected one of {', '.join(CODECS)}")
     if name == "topk":
-        return TopKCodec(sizes, device, args.outer_topk_fraction)
+        return TopKCodec(sizes, device, config.topk_fraction)
     if name == "dct":
-        return DCTCodec(sizes, device, args.outer_dct_fraction, args.outer_dct_chunk, args.outer_ef_decay,
-                        args.outer_dct_bits)
+        return DCTCodec(sizes, device, config.dct_fraction, config.dct_chunk, config.ef_decay, config.dct_bits)
     if name == "sparseloco":
-        return SparseLoCoCodec(sizes, device, args.outer_sparseloco_density, args.outer_sparseloco_chunk,
-                               args.outer_ef_decay, args.outer_sparseloco_bits)
+        return SparseLoCoCodec(sizes, device, config.sparseloco_density, config.sparseloco_chunk, config.ef_decay,
+                               config.sparseloco_bits)
     return CODECS[name](sizes, device)

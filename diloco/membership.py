@@ -29,6 +29,7 @@ import torch
 from torch.distributed import ReduceOp
 
 from nanochat import comm
+from nanochat.common import UsageError
 
 
 def add_membership_args(g):
@@ -56,7 +57,7 @@ class TorchftMembership:
             from torchft.manager import Manager
             from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
         except ImportError as e:
-            raise SystemExit(f"--elastic torchft needs the torchft package ({e}): pip install torchft==0.2.0") from e
+            raise UsageError(f"--elastic torchft needs the torchft package ({e}): pip install torchft==0.2.0") from e
         self.healed, self.max_retries = False, max_retries
 
         def load(state):
@@ -117,10 +118,10 @@ class ElasticCodec:
             raise ValueError(f"checkpoint's outer codec is {state.get('codec')!r}; --elastic runs use none")
 
 
-def data_slot(args):
+def data_slot(replica_id, max_workers):
     """(slot, slots) of this worker's share of the data under --elastic: the number its --replica-id ends in."""
-    digits = len(args.replica_id) - len(args.replica_id.rstrip("0123456789"))
-    slot = int(args.replica_id[-digits:]) if digits else 0
-    if not 0 <= slot < args.max_workers:
-        raise ValueError(f"--replica-id {args.replica_id!r}: its number must be below --max-workers {args.max_workers}")
-    return slot, args.max_workers
+    digits = len(replica_id) - len(replica_id.rstrip("0123456789"))
+    slot = int(replica_id[-digits:]) if digits else 0
+    if not 0 <= slot < max_workers:
+        raise UsageError(f"--replica-id {replica_id!r}: its number must be below --max-workers {max_workers}")
+    return slot, max_workers

@@ -1,10 +1,12 @@
 """The synchronisation seam: DDP (average gradients every step) or DiLoCo (sync every H inner steps).
 
-A training script builds its process groups, model and inner optimizers, then drives one sync object:
+A training script builds its process groups, model and inner optimizers, then drives one sync object (the
+protocol nanochat/sync.py defines; DDPSync lives there, so nanochat trains DDP without this package):
 
-    groups = make_worker_groups(args)                    # inner group = the ranks that average gradients
+    config = sync_config_from_args(args)                 # the --sync flags as a typed SyncConfig
+    groups = make_worker_groups(config)                  # inner group = the ranks that average gradients
     optimizers = model.setup_optimizers(..., process_group=groups.inner)
-    sync = make_sync(args, model, optimizers, groups)
+    sync = make_sync(config, model, optimizers, groups)
     for step ...: forward/backward; sync.step()            # DiLoCo also runs its outer schedule
     with sync.global_view(): evaluate / sample / save       # model = theta_global; no outer step happens
     sync.synchronize()                                   # once, at the end: finish the schedule
@@ -45,43 +47,111 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from diloco.codecs import CODECS, add_codec_args, make_codec
+from diloco.codecs import CODECS, CodecConfig, add_codec_args, codec_config_from_args, make_codec
 from diloco.fragments import Fragment, Pending, split_into_fragments
-from diloco.membership import ElasticCodec, TorchftMembership, add_membership_args
+from diloco.membership import ElasticCodec, TorchftMembership, add_membership_args, data_slot
 from nanochat import comm
-from nanochat.common import collective_timeout, get_dist_info
+from nanochat.common import UsageError, collective_timeout, get_dist_info
+from nanochat.sync import DDPSync, WorkerGroups, broadcast_parameters, ddp_worker_groups
+
+__all__ = ["DDPSync", "DiLoCoSync", "ElasticConfig", "SyncConfig", "WorkerGroups", "add_sync_args", "broadcast_parameters",
+           "make_sync", "make_worker_groups", "sync_config_from_args"]
+
+
+@dataclass
+class ElasticConfig:
+    """torchft membership: DiLoCo workers that die, leave and join mid-run (diloco/membership.py).
+
+    Args:
+        lighthouse: the torchft Lighthouse address, e.g. http://host:29510 ("": $TORCHFT_LIGHTHOUSE).
+        replica_id: this worker's name; a number it ends in picks its data slot.
+        max_workers: most workers a run may have; worker n reads data slot n of this many.
+        min_workers: an outer step needs this many workers present.
+        max_outer_retries: an outer exchange that fails this many times in a row stops the run.
+    """
+    lighthouse: str = ""
+    replica_id: str = ""
+    max_workers: int = 8
+    min_workers: int = 1
+    max_outer_retries: int = 10
+
+    def data_slot(self):
+        """(slot, slots): this worker reads slot `slot` of the data cut into `slots` disjoint shares."""
+        return data_slot(self.replica_id, self.max_workers)
+
+
+@dataclass
+class SyncConfig:
+    """How the replicas of a run are kept in step. Scripts build it from the --sync flags (sync_config_from_args).
+
+    Args:
+        mode: "ddp" (average gradients every step) or "diloco" (workers sync every h inner steps).
+        h: inner steps between two outer syncs of each fragment.
+        workers: DiLoCo workers K (0: one per rank); the N ranks form K workers of N/K consecutive ranks.
+        outer_lr: the outer SGD learning rate (constant unless outer_lr_warmup).
+        outer_momentum: the outer SGD momentum (0 when the codec keeps the momentum itself).
+        outer_nesterov: Nesterov outer momentum.
+        outer_lr_warmup: the outer lr rises linearly over the first outer_lr_warmup x h inner steps (0: constant).
+        outer_final_average: the exchange applied at the end of training is a plain average (lr 1, no momentum).
+        outer_device: where theta_global and the outer momentum live: "gpu" (the model's device) or "cpu".
+        fragments: Streaming DiLoCo: fragments F of the model, synced in turn, each every h steps (1: plain).
+        overlap: inner steps between launching a fragment's exchange and applying it (0: blocking; < h / F).
+        alpha: when a fragment syncs, local = alpha * local + (1 - alpha) * theta_global.
+        codec: how pseudo-gradients travel across workers (diloco/codecs.py).
+        elastic: torchft membership, or None for a fixed set of workers (a dead one fails the run).
+        comm_delay_s: test hook: every collective across workers sleeps this long.
+        collective_timeout: seconds a collective waits for a peer before the run fails.
+    """
+    mode: str = "ddp"
+    h: int = 100
+    workers: int = 0
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
+    outer_lr_warmup: int = 0
+    outer_final_average: bool = False
+    outer_device: str = "gpu"
+    fragments: int = 1
+    overlap: int = 0
+    alpha: float = 0.0
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    elastic: ElasticConfig | None = None
+    comm_delay_s: float = 0.0
+    collective_timeout: float = field(default_factory=collective_timeout)
 
 
 def add_sync_args(parser):
+    d = SyncConfig()
     g = parser.add_argument_group("synchronisation: DDP or DiLoCo")
-    g.add_argument("--sync", choices=["ddp", "diloco"], default="ddp",
+    g.add_argument("--sync", choices=["ddp", "diloco"], default=d.mode,
                    help="ddp: average gradients every step; diloco: workers sync every --diloco-h steps")
-    g.add_argument("--diloco-h", type=int, default=100, help="inner steps between outer syncs")
-    g.add_argument("--diloco-workers", type=int, default=0,
+    g.add_argument("--diloco-h", type=int, default=d.h, help="inner steps between outer syncs")
+    g.add_argument("--diloco-workers", type=int, default=d.workers,
                    help="number of workers K (0 = one per rank); the N ranks form K workers of N/K consecutive "
                         "ranks, e.g. K = number of nodes/sites")
-    g.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (constant)")
-    g.add_argument("--outer-momentum", type=float, default=0.9, help="outer SGD momentum")
-    g.add_argument("--outer-nesterov", type=int, choices=[0, 1], default=1, help="Nesterov outer momentum")
-    g.add_argument("--outer-lr-warmup", type=int, default=0,
+    g.add_argument("--outer-lr", type=float, default=d.outer_lr, help="outer SGD learning rate (constant)")
+    g.add_argument("--outer-momentum", type=float, default=d.outer_momentum, help="outer SGD momentum")
+    g.add_argument("--outer-nesterov", type=int, choices=[0, 1], default=int(d.outer_nesterov), help="Nesterov outer momentum")
+    g.add_argument("--outer-lr-warmup", type=int, default=d.outer_lr_warmup,
                    help="outer lr rises linearly over the first N x H inner steps: an exchange launched at step s "
                         "uses lr x min(1, s / (N H)) (0: constant)")
-    g.add_argument("--outer-final-average", type=int, choices=[0, 1], default=0,
+    g.add_argument("--outer-final-average", type=int, choices=[0, 1], default=int(d.outer_final_average),
                    help="1: the exchange applied at the end of training (launched at the last step) is a plain average "
                         "of the workers: outer lr 1, no momentum")
-    g.add_argument("--outer-device", choices=["cpu", "gpu"], default="gpu",
+    g.add_argument("--outer-device", choices=["cpu", "gpu"], default=d.outer_device,
                    help="where theta_global and the outer momentum live (gpu = the model's device; cpu: pinned "
                         "host memory, copied asynchronously, the exchange itself still on the GPU)")
-    g.add_argument("--diloco-fragments", type=int, default=1,
+    g.add_argument("--diloco-fragments", type=int, default=d.fragments,
                    help="Streaming DiLoCo: fragments F of the model, synced in turn, each every H steps (1 = plain)")
-    g.add_argument("--diloco-overlap", type=int, default=0,
+    g.add_argument("--diloco-overlap", type=int, default=d.overlap,
                    help="Streaming DiLoCo: launch a fragment's exchange this many inner steps before applying it, "
                         "overlapping communication with compute (0 = blocking; must be < H/F)")
-    g.add_argument("--fragment-alpha", type=float, default=0.0,
+    g.add_argument("--fragment-alpha", type=float, default=d.alpha,
                    help="when a fragment syncs, local = alpha * local + (1 - alpha) * theta_global (0 = plain copy)")
     add_codec_args(g)
     add_membership_args(g)
@@ -93,38 +163,36 @@ def add_sync_args(parser):
     return parser
 
 
-class WorkerGroups:
-    """Who this rank is in the K-workers layout, and the process groups it talks over."""
+def sync_config_from_args(args):
+    """The flags of add_sync_args as a SyncConfig: the one place that reads them."""
+    elastic = None
+    if args.elastic == "torchft":
+        elastic = ElasticConfig(lighthouse=args.lighthouse, replica_id=args.replica_id, max_workers=args.max_workers,
+                                min_workers=args.min_workers, max_outer_retries=args.max_outer_retries)
+    return SyncConfig(mode=args.sync, h=args.diloco_h, workers=args.diloco_workers, outer_lr=args.outer_lr,
+                      outer_momentum=args.outer_momentum, outer_nesterov=bool(args.outer_nesterov),
+                      outer_lr_warmup=args.outer_lr_warmup, outer_final_average=bool(args.outer_final_average),
+                      outer_device=args.outer_device, fragments=args.diloco_fragments, overlap=args.diloco_overlap,
+                      alpha=args.fragment_alpha, codec=codec_config_from_args(args), elastic=elastic,
+                      comm_delay_s=args.comm_delay_ms / 1000, collective_timeout=args.collective_timeout)
 
-    def __init__(self, num_workers, ranks_per_worker, worker_id, local_index, inner, outer):
-        self.num_workers = num_workers
-        self.ranks_per_worker = ranks_per_worker
-        self.worker_id = worker_id
-        self.local_index = local_index  # this rank's index inside its worker
-        self.inner = inner  # gradients are averaged over this group every step
-        self.outer = outer  # DiLoCo pseudo-gradients travel over this group (None for DDP)
 
-    def global_rank(self, worker_id, local_index):
-        return worker_id * self.ranks_per_worker + local_index
-
-
-def make_worker_groups(args):
-    """Process groups for the chosen sync mode. Called by every rank (new_group is collective)."""
+def make_worker_groups(config):
+    """Process groups for config.mode (a SyncConfig). Called by every rank (new_group is collective)."""
     ddp, rank, _, world_size = get_dist_info()
     if not (ddp and dist.is_initialized()):
         return WorkerGroups(1, 1, 0, 0, None, None)
-    if args.sync == "ddp":
-        if args.elastic != "off":
-            raise ValueError("--elastic needs --sync diloco: DDP averages gradients every step, so a dead rank "
+    if config.mode == "ddp":
+        if config.elastic is not None:
+            raise UsageError("--elastic needs --sync diloco: DDP averages gradients every step, so a dead rank "
                              "fails the run within --collective-timeout (resume from the last checkpoint)")
-        comm.label_group(dist.group.WORLD, "inner")
-        return WorkerGroups(world_size, 1, rank, 0, dist.group.WORLD, None)
-    if args.elastic != "off":  # this torchrun job is one worker; the others are reached through torchft
+        return ddp_worker_groups()
+    if config.elastic is not None:  # this torchrun job is one worker; the others are reached through torchft
         comm.label_group(dist.group.WORLD, "inner")
         return WorkerGroups(1, world_size, 0, rank, dist.group.WORLD, None)
-    k = args.diloco_workers or world_size
+    k = config.workers or world_size
     if k < 1 or world_size % k != 0:
-        raise ValueError(f"--diloco-workers {k} must divide the number of ranks ({world_size})")
+        raise UsageError(f"--diloco-workers {k} must divide the number of ranks ({world_size})")
     g = world_size // k
     inner = outer = None
     for w in range(k):  # every rank must create every group, in the same order
@@ -140,85 +208,44 @@ def make_worker_groups(args):
     return WorkerGroups(k, g, rank // g, rank % g, inner, outer)
 
 
-def broadcast_parameters(model, src=0):
-    """Every rank starts from rank src's weights (one flat broadcast over the world)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    params = [p.data for p in model.parameters()]
-    flat = torch.cat([p.reshape(-1) for p in params])
-    comm.broadcast(flat, src=src)
-    offset = 0
-    for p in params:
-        p.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-
-
-class DDPSync:
-    """Gradients are averaged inside the inner optimizers (over groups.inner); this just steps them."""
-
-    mode = "ddp"
-
-    def __init__(self, model, optimizers, groups):
-        self.model, self.optimizers, self.groups = model, optimizers, groups
-        broadcast_parameters(model)
-
-    def step(self):
-        for opt in self.optimizers:
-            opt.step()
-        self.model.zero_grad(set_to_none=True)
-
-    wait_seconds = 0.0  # the gradient all-reduce is counted by comm, per step
-
-    def later_device_bytes(self):
-        return 0  # nothing beyond the model and its inner optimizers
-
-    def set_total_steps(self, steps):
-        pass  # no outer schedule
-
-    def synchronize(self):
-        pass  # replicas never drift
-
-    @contextmanager
-    def global_view(self):
-        yield  # every rank already holds the global weights
-
-    def state_dict(self):
-        return {"mode": "ddp"}
-
-    def load_state_dict(self, state):
-        pass  # nothing to restore; a DiLoCo state is ignored (its theta_global is the saved model)
-
-    def portable_state_dict(self):
-        return {"mode": "ddp"}
-
-    def load_portable_state_dict(self, state):
-        pass  # the weights are model.pt; a DiLoCo run's outer state does not carry over to DDP
-
-
 class DiLoCoSync:
-    mode = "diloco"
+    """The sync protocol of nanochat/sync.py for DiLoCo and Streaming DiLoCo (module docstring)."""
 
-    def __init__(self, model, optimizers, groups, h, outer_optimizer, codec_factory, outer_device="gpu",
-                 fragments=1, overlap=0, alpha=0.0, membership_factory=None, lr_warmup=0, final_average=False):
-        """outer_optimizer: params -> torch.optim.Optimizer over theta_global (fp32); it is stepped one
-        fragment at a time (only that fragment's tensors carry a gradient). codec_factory: (sizes, device) -> codec.
-        membership_factory: (heal_state_fn, heal_fn) -> TorchftMembership for --elastic (diloco/membership.py):
-        the outer exchange then runs over whichever workers are present, and this worker joins at once.
-        lr_warmup, final_average: the outer schedule (--outer-lr-warmup, --outer-final-average; module docstring);
-        final_average needs set_total_steps()."""
+    mode = "diloco"
+    across_workers = "outer"  # only the pseudo-gradients cross between workers
+
+    def __init__(self, model, optimizers, groups, config, outer_optimizer=None, codec_factory=None,
+                 membership_factory=None):
+        """config: a SyncConfig (mode "diloco"). outer_optimizer: params -> torch.optim.Optimizer over theta_global
+        (fp32), stepped one fragment at a time (only that fragment's tensors carry a gradient); default: SGD from
+        config. codec_factory: (sizes, device) -> codec; default: config.codec. membership_factory:
+        (heal_state_fn, heal_fn) -> TorchftMembership (diloco/membership.py), default: from config.elastic; the
+        outer exchange then runs over whichever workers are present, and this worker joins at once."""
+        h, fragments, overlap, alpha = config.h, config.fragments, config.overlap, config.alpha
         if h < 1:
-            raise ValueError(f"--diloco-h {h}: must be >= 1")
+            raise UsageError(f"--diloco-h {h}: must be >= 1")
         if not 1 <= fragments <= h:
-            raise ValueError(f"--diloco-fragments {fragments}: must be between 1 and --diloco-h ({h})")
+            raise UsageError(f"--diloco-fragments {fragments}: must be between 1 and --diloco-h ({h})")
         self.phase = [round((f + 1) * h / fragments) % h for f in range(fragments)]  # fragment f applies at n % h
         first = min(round((f + 1) * h / fragments) for f in range(fragments))
         if not 0 <= overlap < first:
-            raise ValueError(f"--diloco-overlap {overlap}: must be >= 0 and < {first} (H/F): an exchange is "
+            raise UsageError(f"--diloco-overlap {overlap}: must be >= 0 and < {first} (H/F): an exchange is "
                              f"launched after the first inner step and must land before the fragment's next launch")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"--fragment-alpha {alpha}: must be in [0, 1]")
-        if lr_warmup < 0:
-            raise ValueError(f"--outer-lr-warmup {lr_warmup}: must be >= 0 (outer steps)")
+            raise UsageError(f"--fragment-alpha {alpha}: must be in [0, 1]")
+        if config.outer_lr_warmup < 0:
+            raise UsageError(f"--outer-lr-warmup {config.outer_lr_warmup}: must be >= 0 (outer steps)")
+        if membership_factory is None and config.elastic is not None:
+            if config.codec.name != "none":
+                raise UsageError("--elastic torchft sends fp32 pseudo-gradients: use --outer-compression none")
+            membership_factory = lambda state_fn, load_fn: _torchft_membership(config, state_fn, load_fn, model)
+        if membership_factory is not None and (fragments, overlap) != (1, 0):
+            raise UsageError("--elastic torchft runs plain DiLoCo: use --diloco-fragments 1 --diloco-overlap 0")
+        if outer_optimizer is None:
+            outer_optimizer = default_outer_optimizer(config)
+        if codec_factory is None:
+            codec_factory = lambda sizes, device: make_codec(config.codec, sizes, device)
+        lr_warmup, final_average, outer_device = config.outer_lr_warmup, config.outer_final_average, config.outer_device
         self.lr_warmup, self.final_average, self.total_steps = lr_warmup, final_average, None
         self.model, self.optimizers, self.groups = model, optimizers, groups
         self.h, self.overlap, self.alpha = h, overlap, alpha
@@ -232,7 +259,8 @@ class DiLoCoSync:
             owners = [(index + i) % g for i in range(len(pieces))]  # owner of a piece inside the worker
             index += len(pieces)
             sizes = [p.numel() for p, o in zip(pieces, owners) if o == me]
-            self.fragments.append(Fragment(pieces, owners, me, self.device, codec_factory(sizes, self.comm_device)))
+            codec = None if membership_factory else codec_factory(sizes, self.comm_device)  # elastic: set below
+            self.fragments.append(Fragment(pieces, owners, me, self.device, codec))
         self.outer_optimizer = outer_optimizer([t for frag in self.fragments for t in frag.theta])
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="diloco-outer") if overlap else None
         self.side_stream = torch.cuda.Stream(self.comm_device) if overlap and self.comm_device.type == "cuda" else None
@@ -245,8 +273,6 @@ class DiLoCoSync:
         self._backup = None  # the worker's own weights while global_view() shows theta_global
         self.membership = None
         if membership_factory is not None:
-            if (fragments, overlap) != (1, 0):
-                raise ValueError("--elastic torchft runs plain DiLoCo: use --diloco-fragments 1 --diloco-overlap 0")
             self.membership = membership_factory(self._heal_state, self._heal)
             self.fragments[0].codec = ElasticCodec(self.membership, lambda: self.inner_step - self.last_launch[0])
             self.outer_step()  # join: wait for the others' next outer sync, healed from a live peer if behind
@@ -550,39 +576,30 @@ class DiLoCoSync:
             self.pending[f] = Pending(future, saved["launched_at"])
 
 
-def make_sync(args, model, optimizers, groups, outer_optimizer=None):
-    """DDPSync or DiLoCoSync from the flags. outer_optimizer: params -> Optimizer (default: SGD from the
-    --outer-* flags; momentum 0 when the codec keeps the momentum itself, as dct and sparseloco do: their
-    workers' decayed error feedback is the momentum, and the outer step is theta -= lr * mean)."""
-    if args.comm_delay_ms:
-        comm.set_comm_delay("inner" if args.sync == "ddp" else "outer", args.comm_delay_ms / 1000)
-    if args.sync == "ddp":
+def default_outer_optimizer(config):
+    """params -> SGD from the config's outer_* values; momentum 0 when the codec keeps the momentum itself, as dct
+    and sparseloco do: their workers' decayed error feedback is the momentum, and the outer step is theta -= lr * mean."""
+    momentum = 0.0 if CODECS[config.codec.name].owns_momentum else config.outer_momentum
+    nesterov = config.outer_nesterov and momentum > 0
+    return lambda params: torch.optim.SGD(params, lr=config.outer_lr, momentum=momentum, nesterov=nesterov)
+
+
+def make_sync(config, model, optimizers, groups, outer_optimizer=None):
+    """DDPSync or DiLoCoSync for a SyncConfig. outer_optimizer: params -> Optimizer (default_outer_optimizer)."""
+    if config.comm_delay_s:
+        comm.set_comm_delay("inner" if config.mode == "ddp" else "outer", config.comm_delay_s)
+    if config.mode == "ddp":
         return DDPSync(model, optimizers, groups)
-    codec_owns_momentum = CODECS[args.outer_compression].owns_momentum
-    if outer_optimizer is None:
-        momentum = 0.0 if codec_owns_momentum else args.outer_momentum
-        nesterov = bool(args.outer_nesterov) and momentum > 0
-
-        def outer_optimizer(params):
-            return torch.optim.SGD(params, lr=args.outer_lr, momentum=momentum, nesterov=nesterov)
-    membership_factory = None
-    if args.elastic == "torchft":
-        if args.outer_compression != "none":
-            raise ValueError("--elastic torchft sends fp32 pseudo-gradients: use --outer-compression none")
-        membership_factory = lambda state_fn, load_fn: _torchft_membership(args, state_fn, load_fn, model)
-    return DiLoCoSync(model, optimizers, groups, h=args.diloco_h, outer_optimizer=outer_optimizer,
-                      codec_factory=lambda sizes, device: make_codec(args, sizes, device),
-                      outer_device=args.outer_device, fragments=args.diloco_fragments, overlap=args.diloco_overlap,
-                      alpha=args.fragment_alpha, membership_factory=membership_factory,
-                      lr_warmup=args.outer_lr_warmup, final_average=bool(args.outer_final_average))
+    return DiLoCoSync(model, optimizers, groups, config, outer_optimizer=outer_optimizer)
 
 
-def _torchft_membership(args, state_fn, load_fn, model):
-    """A torchft Manager for this rank, on the worker's own store (torchrun's, or one made here for a single
-    process), meeting the other workers at the Lighthouse."""
-    lighthouse = args.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE", "")
+def _torchft_membership(config, state_fn, load_fn, model):
+    """A torchft Manager for this rank (config.elastic: an ElasticConfig), on the worker's own store (torchrun's, or one
+    made here for a single process), meeting the other workers at the Lighthouse."""
+    elastic = config.elastic
+    lighthouse = elastic.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE", "")
     if not lighthouse:
-        raise SystemExit("--elastic torchft: no Lighthouse; start one (`torchft_lighthouse --min_replicas 1 "
+        raise UsageError("--elastic torchft: no Lighthouse; start one (`torchft_lighthouse --min_replicas 1 "
                          "--join_timeout_ms 10000`) and pass --lighthouse http://HOST:29510")
     _, rank, _, world_size = get_dist_info()
     store_addr = store_port = None
@@ -590,6 +607,6 @@ def _torchft_membership(args, state_fn, load_fn, model):
         store = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
         _torchft_membership.store = store  # kept alive with the process
         store_addr, store_port = "127.0.0.1", store.port
-    return TorchftMembership(state_fn, load_fn, args.replica_id, lighthouse, args.min_workers,
-                             args.collective_timeout, next(model.parameters()).device, args.max_outer_retries,
+    return TorchftMembership(state_fn, load_fn, elastic.replica_id, lighthouse, elastic.min_workers,
+                             config.collective_timeout, next(model.parameters()).device, elastic.max_outer_retries,
                              rank=rank, world_size=world_size, store_addr=store_addr, store_port=store_port)

@@ -19,13 +19,16 @@ import torch
 import torch.distributed as dist
 
 from nanochat import comm
-from nanochat.common import get_base_dir, logger
+from nanochat.common import UsageError, get_base_dir, logger, write_atomic
+from nanochat.stage import STAGES, check_stage
 
-STAGES = ("base", "mid", "sft", "rl")
+
+class CheckpointNotFound(UsageError, FileNotFoundError):
+    """No complete checkpoint where one was asked for; the message says which command makes one."""
 
 
 def checkpoint_dir(stage, model_tag):
-    assert stage in STAGES, f"unknown stage {stage!r}, expected one of {STAGES}"
+    check_stage(stage)
     return os.path.join(get_base_dir(), "checkpoints", stage, model_tag)
 
 
@@ -39,9 +42,7 @@ def _barrier():
 
 
 def _atomic_torch_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, extra=None, shared=None):
@@ -63,9 +64,7 @@ def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, 
     _barrier()
     if rank == 0:
         meta = dict(meta, step=step)
-        with open(os.path.join(partial, "meta.json.tmp"), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-        os.replace(os.path.join(partial, "meta.json.tmp"), os.path.join(partial, "meta.json"))
+        write_atomic(os.path.join(partial, "meta.json"), json.dumps(meta, indent=2, default=str))
         if os.path.exists(final):  # re-saving the same step: move the old one aside, then drop it
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.replace(final, final + ".old")
@@ -99,7 +98,7 @@ def load_checkpoint(ckpt_dir, step, device, rank=0, load_optimizer=True):
     d = _step_dir(ckpt_dir, step)
     meta_path = os.path.join(d, "meta.json")
     if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"no complete checkpoint at {d}")
+        raise CheckpointNotFound(f"no complete checkpoint at {d}: pass the --step of one that exists (or none: the last)")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -133,7 +132,7 @@ def restore_training(ckpt_dir, model, optimizers, sync, device, rank, layout=Non
     Returns (step, meta, extra): extra = the stage's shared state plus, same layout only, this rank's own."""
     step = find_last_step(ckpt_dir)
     if step is None:
-        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+        raise UsageError(f"--resume: no checkpoint in {ckpt_dir}")
     model_state, optim_state, meta, extra = load_checkpoint(ckpt_dir, step, device, rank=rank)
     shared = _load_shared(ckpt_dir, step)
     same_layout = layout is None or meta.get("layout", layout) == layout
@@ -146,7 +145,7 @@ def restore_training(ckpt_dir, model, optimizers, sync, device, rank, layout=Non
         logger.info(f"resumed from {ckpt_dir} step {step}")
         return step, meta, dict((shared or {}).get("extra", {}), **extra)
     if shared is None:
-        raise SystemExit(f"--resume: {_step_dir(ckpt_dir, step)} was saved by {meta.get('layout', 'another layout')} "
+        raise UsageError(f"--resume: {_step_dir(ckpt_dir, step)} was saved by {meta.get('layout', 'another layout')} "
                          f"and holds no world-size-independent state (an older save, or a stage that keeps "
                          f"per-rank state only): resume with the same number of ranks and workers, or without --resume")
     model.load_state_dict(model_state)  # theta_global
@@ -179,8 +178,8 @@ def latest_model_tag(stage):
     root = os.path.join(get_base_dir(), "checkpoints", stage)
     tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
     if not tags:
-        raise FileNotFoundError(f"no {stage} checkpoints under {root}: train one first "
-                                f"(e.g. python -m scripts.{ {'base': 'base_train', 'mid': 'mid_train', 'sft': 'chat_sft', 'rl': 'chat_rl'}[stage]})")
+        raise CheckpointNotFound(f"no {stage} checkpoints under {root}: train one first (e.g. python -m "
+                                 f"{STAGES[stage].script})")
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
 
 
@@ -201,7 +200,8 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     ckpt_dir = checkpoint_dir(source, model_tag)
     step = find_last_step(ckpt_dir) if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+        raise CheckpointNotFound(f"no complete checkpoint in {ckpt_dir}: train it first (python -m "
+                                 f"{STAGES[source].script} ...), or pass the --model-tag of one that exists")
     model_state, _, meta, _ = load_checkpoint(ckpt_dir, step, device, load_optimizer=False)
     model = build_model(model_state, meta, device, phase)
     tokenizer = get_tokenizer()

@@ -1,8 +1,10 @@
 """Shared plumbing: base directory, logging, device and torchrun/process-group setup."""
 
+import contextlib
 import datetime
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -11,11 +13,45 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(mess
 logger = logging.getLogger("nanochat")
 
 
+class UsageError(ValueError):
+    """A run asked for something that cannot work as given (a flag value, a checkpoint, the hardware); the message
+    says what to do instead. Library code raises it; scripts print it as one line and exit 1 (usage_errors)."""
+
+
+@contextlib.contextmanager
+def usage_errors():
+    """A script's command line: a UsageError ends the process with its one line on stderr, exit status 1."""
+    try:
+        yield
+    except UsageError as e:
+        rank = int(os.environ.get("RANK", 0))
+        print(("" if rank == 0 else f"rank {rank}: ") + f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 def get_base_dir():
     """Every artifact (data, tokenizer, checkpoints, evals, report) lives under this one directory."""
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     os.makedirs(base_dir, exist_ok=True)
     return base_dir
+
+
+def write_atomic(path, data):
+    """Write `data` (str, bytes, or a function that writes to the open binary file) to `path` through a temporary
+    file beside it and a rename, so a reader, or a run killed mid-write, never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def get_dist_info():

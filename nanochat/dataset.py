@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import requests
 from tqdm import tqdm
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, write_atomic
 from nanochat.offline import PACKAGES, is_offline, read_member
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -286,13 +286,6 @@ def _write_shard(path, texts, row_group_size):
     return os.path.getsize(path)
 
 
-def _write_atomic(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def build_offline(out_dir=None, chat_dir=None, conversations=None, chars_per_shard=CHARS_PER_SHARD,
                   row_group_size=ROW_GROUP_SIZE, shards=True):
@@ -334,7 +327,7 @@ def build_offline(out_dir=None, chat_dir=None, conversations=None, chars_per_sha
                "docs": {s: len(d) for s, d in docs.items()},
                "chars": {s: sum(map(len, d)) for s, d in docs.items()}}
     for split, cs in chats.items():
-        _write_atomic(os.path.join(chat_dir, f"sharegpt_{split}.jsonl"),
+        write_atomic(os.path.join(chat_dir, f"sharegpt_{split}.jsonl"),
                       "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cs))
     if shards:
         tmp = f"{out}.tmp-{os.getpid()}"

@@ -12,7 +12,7 @@ import torch
 
 from nanochat.common import autocast_context
 from nanochat.decode import Decoder
-from nanochat.execution import use_calculator
+from nanochat.calculator import use_calculator
 from nanochat.gpt import KVCache, check_sampling, sample_next_token
 
 

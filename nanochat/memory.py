@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import comm
+from nanochat.common import UsageError
 
 
 def batch_size_arg(value):
@@ -84,7 +85,7 @@ def find_device_batch_size(trial, candidates, device):
                 torch.cuda.reset_peak_memory_stats(device)  # the run's own peak, not the search's
             return b, too_big
         too_big.append(b)
-    raise SystemExit(f"error: out of memory even at --device-batch-size {candidates[-1]}: the model does not fit "
+    raise UsageError(f"out of memory even at --device-batch-size {candidates[-1]}: the model does not fit "
                      f"this device; use a smaller --depth or --max-seq-len")
 
 

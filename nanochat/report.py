@@ -11,12 +11,13 @@ import re
 import subprocess
 import sys
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, write_atomic
+from nanochat.stage import STAGES
 
-# order of sections in the final report; unknown sections follow in name order
-SECTION_ORDER = ["Environment", "Tokenizer training", "Tokenizer evaluation", "Base model training",
-                 "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
-                 "Chat RL", "Chat evaluation rl"]
+# order of sections in the final report: each stage's training, then its evaluation; unknown sections follow
+SECTION_ORDER = ["Environment", "Tokenizer training", "Tokenizer evaluation"] + [
+    title for s in STAGES.values()
+    for title in (s.section, "Base model evaluation" if s.name == "base" else f"Chat evaluation {s.name}")]
 # metrics pulled into the summary table: (section, key)
 SUMMARY_KEYS = ["val_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
 
@@ -71,10 +72,7 @@ class Report:
         path = os.path.join(self.report_dir, slugify(section) + ".md")
         body = f"## {section}\n\ntimestamp: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n\n"
         body += "\n".join(_format(item) for item in data)
-        with open(path + ".tmp", "w") as f:
-            f.write(body)
-        os.replace(path + ".tmp", path)
-        return path
+        return write_atomic(path, body)
 
     def sections(self):
         files = {f[:-3]: os.path.join(self.report_dir, f) for f in os.listdir(self.report_dir)
@@ -103,10 +101,7 @@ class Report:
             out.append("")
         out += [text for _, text in sections]
         path = os.path.join(self.report_dir, "report.md")
-        with open(path + ".tmp", "w") as f:
-            f.write("\n".join(out))
-        os.replace(path + ".tmp", path)
-        return path
+        return write_atomic(path, "\n".join(out))
 
     def reset(self):
         for f in os.listdir(self.report_dir):

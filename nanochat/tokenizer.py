@@ -11,7 +11,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, write_atomic
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document and every conversation
@@ -25,14 +25,6 @@ SPECIAL_TOKENS = [
 # vocabularies (4K-64K) the ~1,100 tokens for every 1- to 3-digit number would take a large share of the
 # vocabulary, and shorter digit groups make arithmetic (GSM8K) tokenize more uniformly.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-
-
-def _atomic_write(path, write):
-    """Write through a temp file then rename, so a reader never sees a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 class Tokenizer:
@@ -80,8 +72,8 @@ class Tokenizer:
         os.makedirs(tokenizer_dir, exist_ok=True)
         state = {"name": self.enc.name, "pattern": self.pattern, "mergeable_ranks": self.mergeable_ranks,
                  "special_tokens": self.special_tokens}
-        _atomic_write(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(state, f))
-        _atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(self.token_bytes(), f))
+        write_atomic(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(state, f))
+        write_atomic(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(self.token_bytes(), f))
 
     def token_bytes(self):
         """LongTensor[vocab]: UTF-8 bytes each id stands for, 0 for special tokens (they are not text)."""

@@ -16,7 +16,7 @@ import os
 
 from nanochat.checkpoint import load_model
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, exit_now,
-                             get_base_dir, print0)
+                             get_base_dir, print0, write_atomic)
 from nanochat.core_eval import CORE_TASKS, evaluate_core
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
@@ -78,10 +78,7 @@ if "core" in evals:
            + (f", missing {', '.join(core['tasks_missing'])})" if core["tasks_missing"] else ")"))
 
 if rank == 0:
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(out_path + ".tmp", out_path)
+    write_atomic(out_path, json.dumps(record, indent=2))
     print0(f"results written to {out_path}")
 
 summary = {"model_tag": model_tag, "step": step}

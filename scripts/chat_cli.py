@@ -10,13 +10,14 @@ Commands in interactive mode: 'quit' (or 'exit', Ctrl-D) leaves, 'clear' starts 
 import argparse
 
 from nanochat.checkpoint import load_model
-from nanochat.common import autodetect_device_type, compute_init
+from nanochat.common import autodetect_device_type, compute_init, usage_errors
 from nanochat.decode import for_inference
 from nanochat.engine import Engine, StreamDecoder
 from nanochat.gpt import check_sampling
+from nanochat.stage import STAGE_NAMES
 
 parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
-parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
+parser.add_argument("-i", "--source", type=str, default="sft", choices=STAGE_NAMES, help="which stage's checkpoint")
 parser.add_argument("--model-tag", type=str, default=None, help="model tag (default: the latest)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
@@ -32,10 +33,8 @@ except ValueError as e:
     parser.error(str(e))
 
 _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
-try:
+with usage_errors():  # no such checkpoint: one line saying which command makes it
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-except FileNotFoundError as e:
-    raise SystemExit(f"error: {e}")
 engine = Engine(for_inference(model), tokenizer)  # CUDA: bf16 weights, decoding as a CUDA graph
 context_len = model.config.sequence_len
 

@@ -22,21 +22,22 @@ import time
 
 import torch
 
-from diloco import add_sync_args, make_sync, make_worker_groups
 from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_training
-from nanochat.comm import all_reduce_sum
-from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, device_synchronize,
-                             exit_now, get_dist_info, init_wandb, print0)
+from nanochat.comm import all_reduce_sum, global_comm_stats
+from nanochat.common import (UsageError, autocast_context, autodetect_device_type, compute_cleanup, compute_init,
+                             device_synchronize, exit_now, get_dist_info, init_wandb, print0, usage_errors)
 from nanochat.engine import Engine
 from nanochat.memory import explain_out_of_memory
 from nanochat.report import get_report
-from nanochat.train_loop import on_theta_global, plan, scale_initial_lrs, set_schedule
-from scripts.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
+from nanochat.stage import STAGE_NAMES, STAGES
+from nanochat.train_loop import bytes_across_workers, on_theta_global, plan, scale_initial_lrs, set_schedule
+from scripts.sync_choice import sync_lib
+from tasks.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="RL on GSM8K (policy gradient) from an SFT checkpoint, DDP or DiLoCo")
-    parser.add_argument("-i", "--source", default="sft", choices=["mid", "sft", "rl"], help="checkpoint to start from")
+    parser.add_argument("-i", "--source", default="sft", choices=STAGE_NAMES, help="checkpoint to start from")
     parser.add_argument("--model-tag", default=None, help="model tag of the source (default: the latest)")
     parser.add_argument("--output-tag", default=None, help="rl checkpoint folder (default: the source's model tag)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
@@ -64,7 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the last rl checkpoint of --output-tag")
     parser.add_argument("--stop-after", type=int, default=-1,
                         help="save and exit after this step without changing the schedule (time-sliced jobs)")
-    add_sync_args(parser)
+    sync_lib.add_sync_args(parser)
     return parser.parse_args(argv)
 
 
@@ -139,7 +140,7 @@ def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_lab
     _, rank, _, world = get_dist_info()
     engine = Engine(model, tokenizer)
     if args.examples_per_step % world:
-        raise SystemExit(f"--examples-per-step {args.examples_per_step} must be a multiple of the {world} ranks")
+        raise UsageError(f"--examples-per-step {args.examples_per_step} must be a multiple of the {world} ranks")
     num_steps = args.num_steps if args.num_steps >= 0 else len(train_task) // args.examples_per_step
     sync.set_total_steps(num_steps)  # the outer schedule may end differently
     device = model.get_device()
@@ -209,25 +210,27 @@ def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_lab
 
 def main(argv=None):
     args = parse_args(argv)
+    sync_config = sync_lib.sync_config_from_args(args)
+    if sync_config.elastic is not None:  # refused rather than silently wrong
+        raise UsageError("chat_rl does not take --elastic: its prompts are dealt by rank within one torchrun job, so "
+                         "every elastic worker would roll out the same prompts; run RL with a fixed set of workers "
+                         "(--sync diloco without --elastic)")
     device_type = args.device_type or autodetect_device_type()
     explain_out_of_memory(args.device_batch_size)  # an OOM ends the run with one line saying what to try
     _, rank, _, world, device = compute_init(device_type, seed=args.seed, timeout_s=args.collective_timeout)
     master = rank == 0
     wandb_run = init_wandb(args.run, "nanochat-diloco-rl", vars(args), master)
-    try:
-        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
+    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
     print0(f"RL from {args.source}/{meta['model_tag']} step {meta['step']} | {model.num_params():,} parameters | "
            f"{world} rank(s), sync {args.sync}")
     train_task, eval_task, eval_label, trained_on_test = gsm8k_split()
 
-    groups = make_worker_groups(args)
+    groups = sync_lib.make_worker_groups(sync_config)
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                         process_group=groups.inner)
     scale_initial_lrs(optimizers, args.init_lr_frac)
-    sync = make_sync(args, model, optimizers, groups)
+    sync = sync_lib.make_sync(sync_config, model, optimizers, groups)
 
     ckpt_dir = checkpoint_dir("rl", args.output_tag or meta["model_tag"])
     metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
@@ -255,7 +258,7 @@ def main(argv=None):
     def save(step, loop_state):
         rl_meta = {"model_config": meta["model_config"], "user_config": vars(args), "stage": "rl",
                    "parent": {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"]},
-                   "eval_label": eval_label, "pass@1": last_eval.get("pass@1"), "world_size": world, "sync": args.sync,
+                   "eval_label": eval_label, "pass@1": last_eval.get("pass@1"), "world_size": world, "sync": sync.mode,
                    "trained_on_test": trained_on_test or {}, "train_seconds": time.time() - t0}
         save_training(ckpt_dir, step, model, optimizers, sync, rl_meta, rank, extra={"loop": loop_state})
 
@@ -277,6 +280,7 @@ def main(argv=None):
                "eval problems": evals[-1]["eval_total"], "seconds": seconds, "outer_wait_seconds": sync.wait_seconds}
     informative = torch.tensor([sum(h["informative"] for h in history if "reward" in h)], device=device)
     all_reduce_sum(informative)
+    summary["bytes_across_workers"] = bytes_across_workers(sync, global_comm_stats())  # collective: every rank
     summary["samples with a nonzero advantage (all ranks)"] = informative.item()
     if informative.item() == 0:  # say so rather than let a flat curve pass for training
         verdict = ("all samples of each prompt got the same reward: every advantage was 0, the policy gradient "
@@ -287,8 +291,8 @@ def main(argv=None):
     else:
         verdict = f"mean reward did not improve ({first:.4f} -> {final:.4f})"
     print0(f"done: {verdict}")
-    get_report().log(section="Chat RL", data=[
-        {"source": f"{args.source}/{meta['model_tag']} step {meta['step']}", "ranks": world, "sync": args.sync,
+    get_report().log(section=STAGES["rl"].section, data=[
+        {"source": f"{args.source}/{meta['model_tag']} step {meta['step']}", "ranks": world, "sync": sync.mode,
          "examples_per_step": args.examples_per_step, "num_samples": args.num_samples, "train split":
          "GSM8K test[first half] (offline: no train split)" if trained_on_test else "GSM8K train"},
         summary, verdict])
@@ -298,5 +302,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with usage_errors():  # a flag or checkpoint that cannot work: one line, exit 1
+        main()
     exit_now()  # skip native teardown (see nanochat.common.exit_now)

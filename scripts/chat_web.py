@@ -64,6 +64,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from nanochat.decode import for_inference
 from nanochat.engine import Engine, StreamDecoder
 from nanochat.gpt import check_sampling
+from nanochat.stage import STAGE_NAMES
 
 MAX_BODY_BYTES = 1_000_000
 MAX_MESSAGES = 500
@@ -1036,7 +1037,7 @@ def raise_open_files_limit():
 
 def main():
     parser = argparse.ArgumentParser(description="Serve a nanochat model: web UI, SSE and OpenAI-compatible API")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to serve")
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=STAGE_NAMES, help="which stage's checkpoint to serve")
     parser.add_argument("--model-tag", type=str, default=None, help="model tag (default: the latest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CPU: always 1)")

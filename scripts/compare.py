@@ -30,8 +30,10 @@ import torch
 
 from diloco.recipes import RECIPES, recipe_flags
 from nanochat.checkpoint import checkpoint_dir, find_last_step
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, write_atomic
 from nanochat.report import environment
+from nanochat.stage import lineage
+from tasks.chat_eval import TASK_NAMES
 
 ARMS = {"ddp": ("ddp", "ddp"), "diloco": ("diloco", "diloco"), "diloco_ddp": ("diloco", "ddp"),
         "ddp_diloco": ("ddp", "diloco")}
@@ -153,10 +155,7 @@ class Runner:
         outputs = find_outputs()
         marker = {"name": name, "cmd": cmd, "seconds": seconds, "inputs": {i: self.digest(i) for i in inputs},
                   "outputs": {p: sha256(p) for p in outputs}}
-        tmp = self.marker_path(name) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(marker, f, indent=1)
-        os.replace(tmp, self.marker_path(name))
+        write_atomic(self.marker_path(name), json.dumps(marker, indent=1))
         self.redone.add(name)
         print(f"[{name}] finished in {seconds:.1f} s", flush=True)
         return marker
@@ -305,7 +304,7 @@ def collect_arm(runner, arm_tag, stages, base_tag):
             "sft": load(eval_file("chat_sft", arm_tag))}
     row = {"val_bpb": base_meta["val_bpb"], "chat_bpb_base": chat["base"]["chat_val_bpb"],
            "mid_val_bpb": mid_meta["val_bpb"], "sft_val_bpb": chat["sft"]["chat_val_bpb"], "CORE": base_eval["core"]}
-    for task in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"):
+    for task in TASK_NAMES:
         row[task] = chat["sft"]["tasks"][task]["accuracy"]
     row["ChatCORE"] = chat["sft"]["ChatCORE"]
     across = lambda m: m["outer_bytes"] if m["sync"] == "diloco" else m["inner_bytes"]
@@ -324,9 +323,9 @@ def collect_arm(runner, arm_tag, stages, base_tag):
 
 
 LOGP_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU"]
-COLUMNS = ["val_bpb", "chat_bpb_base", "mid_val_bpb", "sft_val_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU",
-           "GSM8K", "HumanEval", "ChatCORE", "bytes_across_workers", "wall_seconds"]
-STAGES = ["base", "mid", "sft"]
+COLUMNS = ["val_bpb", "chat_bpb_base", "mid_val_bpb", "sft_val_bpb", "CORE", *TASK_NAMES, "ChatCORE",
+           "bytes_across_workers", "wall_seconds"]
+STAGES = lineage("sft")  # the stages of every arm (nanochat/stage.py)
 
 
 def fmt(key, value):
@@ -347,7 +346,7 @@ def effective_config(config):
 def differing_hyperparameters(results):
     """Every (stage, flag) whose value differs between arms."""
     rows = []
-    for stage in ("base", "mid", "sft"):
+    for stage in STAGES:
         configs = {arm: effective_config(r["configs"][stage]) for arm, r in results.items()}
         keys = sorted(set().union(*(c.keys() for c in configs.values())))
         for key in keys:
@@ -606,12 +605,6 @@ def write_report(results, runner, out_dir, scale_name, total_seconds, drift=(), 
         write_atomic(os.path.join(out_dir, "baseline.json"), json.dumps(
             {"recipe": recipe, "baseline_recipe": baseline[0], "seeds": seeds, "rows": baseline_rows}, indent=1))
     return report, plots
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):

@@ -5,9 +5,7 @@ The training itself lives in scripts/chat_train.py (shared with SFT).
     torchrun --nproc_per_node=8 -m scripts.mid_train --sync diloco --diloco-h 100
 """
 
-from nanochat.common import exit_now
-from scripts.chat_train import main
+from scripts.chat_train import cli
 
 if __name__ == "__main__":
-    main("mid")
-    exit_now()  # skip native teardown (see nanochat.common.exit_now)
+    cli("mid")

@@ -1,5 +1,5 @@
 """SpellingBee: "How many r are in strawberry?", answered by spelling the word out, counting, and checking
-with the calculator tool ("strawberry".count("r"), which nanochat/execution.py's use_calculator allows).
+with the calculator tool ("strawberry".count("r"), which nanochat/calculator.py's use_calculator allows).
 
 Synthetic: example i is built from a seed made of i, so every slice is reproducible. It teaches the model
 which letters its tokens spell and how to call the tool; offline, where GSM8K's training split is missing,

@@ -12,7 +12,7 @@ import torch
 from nanochat.checkpoint import load_model
 from nanochat.engine import Engine
 from scripts import chat_eval
-from scripts.chat_eval import categorical_predictions, chatcore, fit_prompt, run_chat_eval
+from tasks.chat_eval import categorical_predictions, chatcore, fit_prompt, load_task, run_chat_eval
 from tests.dist_utils import run_distributed
 from tests.helpers_tiny import SOURCE, TAG, ScriptedModel, build_tiny
 
@@ -84,7 +84,7 @@ def tiny_tokenizer(base_dir):
 def test_categorical_oracle_scores_one_and_random_scores_chance(base_dir):
     tokenizer = tiny_tokenizer(base_dir)
     for name, n in (("ARC-Easy", 120), ("ARC-Challenge", 120)):
-        task = chat_eval.load_task(name)
+        task = load_task(name)
         model = oracle_model(tokenizer, [task[i] for i in range(n)])
         result = run_chat_eval(model, tokenizer, None, name, max_problems=n, batch_size=8)
         assert (result["accuracy"], result["correct"], result["total"], result["cropped"]) == (1.0, n, n, 0)
@@ -94,7 +94,7 @@ def test_categorical_oracle_scores_one_and_random_scores_chance(base_dir):
 
     # random logits over the whole vocabulary: an answer letter is almost never the overall argmax, so only
     # restricting the choice to the letters gives chance accuracy; it must equal the count made by hand
-    task = chat_eval.load_task("MMLU")
+    task = load_task("MMLU")
     model = LetterModel(tokenizer, lambda prompt: random_logits(tokenizer, prompt))
     result = run_chat_eval(model, tokenizer, None, "MMLU", max_problems=400, batch_size=16)
     expected, logprob = 0, 0.0
@@ -115,7 +115,7 @@ def test_padding_does_not_change_a_real_models_answers(base_dir):
     torch.set_num_threads(1)
     build_tiny(str(base_dir))
     model, tokenizer, _ = load_model(SOURCE, torch.device("cpu"), model_tag=TAG)
-    task = chat_eval.load_task("ARC-Challenge")
+    task = load_task("ARC-Challenge")
     convs = [task[i] for i in range(12)]
     # the tiny model's context (128) is shorter than these prompts: cut them to different lengths so the batch pads
     prompts = [fit_prompt(tokenizer.render_for_completion(c), 128 - 7 * i) for i, c in enumerate(convs)]
@@ -134,14 +134,14 @@ def test_fit_prompt_keeps_bos_and_the_end():
 
 def test_generative_gsm8k_and_humaneval_grade_what_was_generated(base_dir):
     tokenizer = tiny_tokenizer(base_dir)
-    gsm8k = chat_eval.load_task("GSM8K")
+    gsm8k = load_task("GSM8K")
     for correct, expected in ((lambda i: True, 1.0), (lambda i: False, 0.0), (lambda i: i % 2 == 0, 0.5)):
         model = gsm8k_answer_model(tokenizer, gsm8k, 6, correct)
         result = run_chat_eval(model, tokenizer, Engine(model, tokenizer), "GSM8K", max_problems=6)
         assert result["accuracy"] == expected and result["total"] == 6
 
     # HumanEval: the canonical solution passes the unit tests in the sandbox, a wrong body fails them
-    humaneval = chat_eval.load_task("HumanEval")
+    humaneval = load_task("HumanEval")
     end = tokenizer.encode_special("<|assistant_end|>")
     for wrong, expected in ((False, 1.0), (True, 0.0)):
         scripts = {}
@@ -169,7 +169,7 @@ def _evaluate_on_ranks(rank, world_size, base_dir):
     os.environ["NANOCHAT_BASE_DIR"] = base_dir
     model, tokenizer, _ = load_model(SOURCE, torch.device("cpu"), model_tag=TAG)
     arc = run_chat_eval(model, tokenizer, None, "ARC-Easy", max_problems=30, batch_size=4)
-    stand_in = gsm8k_answer_model(tokenizer, chat_eval.load_task("GSM8K"), 7, lambda i: i % 3 == 0)
+    stand_in = gsm8k_answer_model(tokenizer, load_task("GSM8K"), 7, lambda i: i % 3 == 0)
     gsm8k = run_chat_eval(stand_in, tokenizer, Engine(stand_in, tokenizer), "GSM8K", max_problems=7)
     return [(r["correct"], r["total"], r["accuracy"]) for r in (arc, gsm8k)]
 

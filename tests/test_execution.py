@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from nanochat import execution
-from nanochat.execution import SandboxError, check_humaneval, execute_code, isolation_mode, run_humaneval, use_calculator
+from nanochat.calculator import use_calculator
+from nanochat.execution import SandboxError, check_humaneval, execute_code, isolation_mode, run_humaneval
 from nanochat.offline import read_jsonl_gz
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import checkpoint_dir
+from nanochat.common import UsageError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.memory import (batch_size_arg, candidate_batch_sizes, find_device_batch_size, out_of_memory_message,
                              training_step_trial)
@@ -65,7 +66,7 @@ def test_auto_batch_is_the_largest_that_fits_and_changes_nothing():
     # fresh optimizers only; 1 must fit
     with pytest.raises(ValueError, match="before the first optimizer step"):
         training_step_trial(micro_step, model, optimizers, SEQ, torch.device("cpu"))
-    with pytest.raises(SystemExit, match="even at --device-batch-size 1"):
+    with pytest.raises(UsageError, match="even at --device-batch-size 1"):
         find_device_batch_size(never_fits, [2, 1], torch.device("cpu"))
 
 
@@ -138,13 +139,14 @@ def test_out_of_memory_in_training_ends_with_one_line_not_a_traceback(base_dir):
 
 def test_the_search_holds_aside_what_diloco_allocates_at_its_first_outer_step():
     from diloco.codecs import CODECS
-    from diloco.sync import DDPSync, DiLoCoSync, WorkerGroups
+    from diloco.sync import DDPSync, DiLoCoSync, SyncConfig, WorkerGroups
     torch.set_num_threads(1)
     model, optimizers = tiny_model()
     groups = WorkerGroups(1, 1, 0, 0, None, None)
     assert DDPSync(model, optimizers, groups).later_device_bytes() == 0
     for codec, momentum in (("none", 0.9), ("none", 0.0), ("int8", 0.9)):
-        sync = DiLoCoSync(model, optimizers, groups, h=1, codec_factory=lambda sizes, device: CODECS[codec](sizes, device),
+        sync = DiLoCoSync(model, optimizers, groups, SyncConfig(mode="diloco", h=1),
+                          codec_factory=lambda sizes, device: CODECS[codec](sizes, device),
                           outer_optimizer=lambda params: torch.optim.SGD(params, lr=0.7, momentum=momentum))
         expected = sync.later_device_bytes()
         model(*(torch.zeros(2, SEQ, dtype=torch.long),) * 2).backward()

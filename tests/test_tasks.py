@@ -223,7 +223,7 @@ def test_chat_data_offline(base_dir):
 
 
 def test_spellingbee():
-    from nanochat.execution import use_calculator
+    from nanochat.calculator import use_calculator
     task = SpellingBee(300, "train", words=["strawberry", "banana", "cat", "mississippi"])
     i = next(i for i in range(len(task)) if task[i]["messages"][1]["content"][1]["text"] == '"strawberry".count("r")')
     assert task[i]["messages"][1]["content"] == [
