@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 from diloco.codecs import CODECS, add_codec_args, make_codec
 from diloco.fragments import Fragment, Pending, split_into_fragments
-from diloco.membership import ElasticCodec, TorchftMembership, add_membership_args
+from diloco.membership import ElasticCodec, TorchftMembership, add_membership_args, theta_checksum
 from nanochat import comm
 from nanochat.common import collective_timeout, get_dist_info
 
@@ -168,6 +168,10 @@ class DDPSync:
         self.model.zero_grad(set_to_none=True)
 
     wait_seconds = 0.0  # the gradient all-reduce is counted by comm, per step
+    owned_step = None  # the training loop counts the steps
+
+    def join(self):
+        pass  # a fixed set of ranks
 
     def later_device_bytes(self):
         return 0  # nothing beyond the model and its inner optimizers
@@ -203,7 +207,8 @@ class DiLoCoSync:
         """outer_optimizer: params -> torch.optim.Optimizer over theta_global (fp32); it is stepped one
         fragment at a time (only that fragment's tensors carry a gradient). codec_factory: (sizes, device) -> codec.
         membership_factory: (heal_state_fn, heal_fn) -> TorchftMembership for --elastic (diloco/membership.py):
-        the outer exchange then runs over whichever workers are present, and this worker joins at once.
+        the outer exchange then runs over whichever workers are present; this worker joins at join() (after any
+        resume) or at its first step().
         lr_warmup, final_average: the outer schedule (--outer-lr-warmup, --outer-final-average; module docstring);
         final_average needs set_total_steps()."""
         if h < 1:
@@ -248,8 +253,22 @@ class DiLoCoSync:
             if (fragments, overlap) != (1, 0):
                 raise ValueError("--elastic torchft runs plain DiLoCo: use --diloco-fragments 1 --diloco-overlap 0")
             self.membership = membership_factory(self._heal_state, self._heal)
-            self.fragments[0].codec = ElasticCodec(self.membership, lambda: self.inner_step - self.last_launch[0])
-            self.outer_step()  # join: wait for the others' next outer sync, healed from a live peer if behind
+            self.fragments[0].codec = ElasticCodec(self.membership, lambda: self.inner_step - self.last_launch[0],
+                                                   lambda: theta_checksum(self.fragments[0].theta))
+        self.joined = self.membership is None
+
+    def join(self):
+        """--elastic: meet the other workers at their next outer sync, healed from a live peer if it is ahead.
+        Call after restoring a checkpoint (then only a newer peer overwrites it); the first step() joins otherwise."""
+        if not self.joined:
+            self.joined = True
+            self.outer_step()
+
+    @property
+    def owned_step(self):
+        """The step the run is at when this sync object decides it (--elastic: a heal at any outer sync moves this
+        worker to its peers' step, and the loop's schedule, checkpoints and stop follow); None otherwise."""
+        return self.inner_step if self.membership is not None else None
 
     def _heal_state(self):
         """What a joining worker is healed with (torchft sends it from a live peer at the quorum)."""
@@ -276,6 +295,7 @@ class DiLoCoSync:
         self.last_applied = list(state.get("last_applied", state["last_launch"]))
 
     def step(self):
+        self.join()
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
@@ -430,7 +450,14 @@ class DiLoCoSync:
                 "inner_step": self.inner_step, "last_launch": list(self.last_launch),
                 "last_applied": list(self.last_applied), "pending": pending,
                 "num_syncs": self.num_syncs, "wait_seconds": self.wait_seconds,
-                "local_weights": [t.detach().cpu().clone() for t in local]}
+                "local_weights": [t.detach().cpu().clone() for t in local], **self._torchft_state()}
+
+    def _torchft_state(self):
+        return {"torchft": self.membership.state_dict()} if self.membership is not None else {}
+
+    def _load_torchft_state(self, state):
+        if self.membership is not None and "torchft" in state:
+            self.membership.load_state_dict(state["torchft"])
 
     def _piece_names(self):
         """(parameter name, first row, end row) of every piece of every fragment, in order."""
@@ -487,7 +514,7 @@ class DiLoCoSync:
         return {"mode": "diloco", "h": self.h, "fragments": len(self.fragments), "theta_global": theta_global,
                 "outer_state": outer_state, "outer_scalars": scalars, "inner_step": self.inner_step,
                 "last_launch": list(self.last_launch), "last_applied": list(self.last_applied),
-                "num_syncs": self.num_syncs}
+                "num_syncs": self.num_syncs, **self._torchft_state()}
 
     def load_portable_state_dict(self, state):
         """Continue from a portable state (any number of workers and ranks): theta_global and the outer
@@ -521,6 +548,7 @@ class DiLoCoSync:
                         self.outer_optimizer.state[theta] = entry
         self._load_counters(state)
         self.num_syncs, self.pending = state["num_syncs"], {}
+        self._load_torchft_state(state)
 
     def load_state_dict(self, state):
         """Restore a DiLoCo state; a DDP checkpoint (or none) starts the outer loop fresh from the weights."""
@@ -543,6 +571,7 @@ class DiLoCoSync:
             frag.codec.load_state_dict(codec_state)
         self._load_counters(state)
         self.num_syncs, self.wait_seconds = state["num_syncs"], state["wait_seconds"]
+        self._load_torchft_state(state)
         self.pending = {}
         for f, saved in state["pending"].items():
             future = Future()
@@ -592,4 +621,5 @@ def _torchft_membership(args, state_fn, load_fn, model):
         store_addr, store_port = "127.0.0.1", store.port
     return TorchftMembership(state_fn, load_fn, args.replica_id, lighthouse, args.min_workers,
                              args.collective_timeout, next(model.parameters()).device, args.max_outer_retries,
-                             rank=rank, world_size=world_size, store_addr=store_addr, store_port=store_port)
+                             rank=rank, world_size=world_size, store_addr=store_addr, store_port=store_port,
+                             peer_timeout_s=args.peer_timeout, link_mbps=args.link_mbps)

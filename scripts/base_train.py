@@ -26,7 +26,8 @@ from nanochat.memory import (batch_size_arg, candidate_batch_sizes, explain_out_
                              training_step_trial)
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.train_loop import lr_multiplier, metrics_until, muon_momentum, on_theta_global, plan, set_schedule
+from nanochat.train_loop import (loop_step, lr_multiplier, metrics_until, muon_momentum, on_theta_global, plan,
+                                 set_schedule)
 
 # Presets: "tiny" learns visibly in minutes on 2 CPU cores; "d20" is nanochat's 8xH100 speedrun model.
 PRESETS = {
@@ -172,8 +173,8 @@ if args.resume:
     if saved_packing != args.packing:  # a data position counts rows or tokens: it means nothing in the other packing
         raise SystemExit(f"error: {ckpt_dir} was trained with --packing {saved_packing}: resume with --packing {saved_packing}")
     val_bpb, min_val_bpb = meta["val_bpb"], meta["min_val_bpb"]
-elif args.elastic != "off":  # a joining worker continues at the step its peers are at (healed from one)
-    start_step = sync.inner_step
+sync.join()  # --elastic: meet the peers now, after the restore, so only a newer live peer overwrites it
+start_step = loop_step(start_step, sync)  # a healed worker continues at its peers' step
 # the loader's rank and world: under --elastic each worker reads its own slot of the data, whoever else is up
 slot, slots = data_slot(args) if args.elastic != "off" else (0, 1)
 data_rank, data_world = slot * world_size + rank, slots * world_size
@@ -232,7 +233,7 @@ def comm_figures():
 peak = peak_flops(device)
 smooth_loss = 0.0
 step = start_step
-for step in range(start_step, num_iterations + 1):
+while True:  # the step comes from the sync object after every outer sync (loop_step)
     at = plan(step, num_iterations, resumed_at=start_step if args.resume else None, stop_after=args.stop_after,
               eval_every=args.eval_every, sample_every=args.sample_every, save_every=args.save_every)
     tokens_seen = step * args.total_batch_size
@@ -284,6 +285,7 @@ for step in range(start_step, num_iterations + 1):
            f"outer {stats.get('outer', {}).get('bytes', 0):,} B (this rank)")
     log_metrics({"step": step + 1, "loss": loss_value, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s,
                  "outer_wait_seconds": sync.wait_seconds})
+    step = loop_step(step + 1, sync)
 
 # Summary
 figures = comm_figures()
