@@ -83,6 +83,34 @@ def explain_elastic_errors():
     sys.excepthook = hook
 
 
+class _QuorumStep(logging.Handler):
+    """torchft logs each new quorum's id and step (logger "torchft_quorums") just before it re-forms the outer
+    process group; the step is kept here for that group's store prefix (_step_prefixed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = 0
+
+    def emit(self, record):
+        self.step = getattr(record, "step", self.step)
+
+
+_quorum_step = _QuorumStep()
+
+
+def _step_prefixed(process_group_class):
+    """A torchft process group whose rendezvous keys are prefixed with the quorum's step as well as its id. A
+    restarted Lighthouse numbers its quorums from 1 again, and the workers' stores still hold the keys of the old
+    quorums of those numbers: without the step, a re-formed group reads a dead peer's address and fails to connect
+    (torchft 0.2.0). All members of a quorum get the same step (its highest) with it."""
+
+    class StepPrefixed(process_group_class):
+        def configure(self, store_addr, *args, **kwargs):
+            return super().configure(f"{store_addr}/step{_quorum_step.step}", *args, **kwargs)
+
+    return StepPrefixed
+
+
 def theta_checksum(tensors, chunk=1 << 22):
     """A 64-bit hash of the exact bits of fp32 tensors: sum over i of (bits_i + c) * (2 i + 1) modulo 2^64. Integer
     sums wrap exactly whatever the reduction order, so two sites (any devices) agree iff their bits do (up to
@@ -109,11 +137,14 @@ class TorchftMembership:
 
     Timeouts (torchft 0.2.0's Manager): `timeout` bounds a heal's HTTP transfer and the commit RPCs, and
     `quorum_timeout` how long one quorum request may wait: both --collective-timeout (a heal moves the whole outer
-    state over the link). The outer all-reduce itself gets a progress deadline instead (_deadline_s): a peer that
-    goes silent inside an exchange (killed behind a slow link, paused, cut off) is given up on after
-    --peer-timeout plus three times what the bytes in flight take at the measured link rate, not after
-    --collective-timeout. A Lighthouse that stops answering is retried for --collective-timeout, then the run
-    stops with one line saying how to resume."""
+    state over the link). The outer all-reduce itself runs in chunks of about --peer-timeout / 2 seconds at the
+    measured link rate, each with a progress deadline of --peer-timeout plus twice its transfer time: a peer
+    that goes silent inside an exchange (killed behind a slow link, paused, cut off) is given up on within about
+    2 x --peer-timeout, not after --collective-timeout. A Lighthouse that stops answering is asked again about once
+    a second for --collective-timeout (torchft's quorum_retries), then the run stops with one line saying how to
+    resume."""
+
+    min_chunk = 1 << 16  # values per all-reduce chunk at least (each call costs a few round trips)
 
     def __init__(self, state_fn, load_fn, replica_id, lighthouse, min_workers, timeout_s, device, max_retries=10,
                  rank=None, world_size=None, store_addr=None, store_port=None, peer_timeout_s=10.0, link_mbps=0.0):
@@ -124,20 +155,25 @@ class TorchftMembership:
             raise SystemExit(f"--elastic torchft needs the torchft package ({e}): pip install torchft==0.2.0") from e
         self.healed, self.max_retries, self.lighthouse = False, max_retries, lighthouse
         self.timeout_s, self.peer_timeout_s, self.link_mbps = timeout_s, peer_timeout_s, link_mbps
-        self.rates = []  # bytes/s of the last successful exchanges with a peer (the link rate, measured)
+        self.rates = []  # bytes/s of the last chunks exchanged with a peer (the link rate, measured)
         self.mismatches = 0  # outer syncs at which the workers' theta_global differed (each healed)
+        self.last_workers, self.last_mismatch = 0, False  # of the last exchange: was a heal likely in this one?
 
         def load(state):
             load_fn(state)
             self.healed = True  # this worker's pseudo-gradient of the round is void: it now holds theta_global
 
         timeout = timedelta(seconds=timeout_s)
-        self.pg = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
+        quorums = logging.getLogger("torchft_quorums")
+        if _quorum_step not in quorums.handlers:
+            quorums.setLevel(logging.INFO)
+            quorums.addHandler(_quorum_step)
+        self.pg = _step_prefixed(ProcessGroupNCCL if device.type == "cuda" else ProcessGroupGloo)(timeout=timeout)
         self.manager = Manager(pg=self.pg, load_state_dict=load, state_dict=state_fn, min_replica_size=min_workers,
                                use_async_quorum=False, replica_id=replica_id or None, lighthouse_addr=lighthouse or None,
                                rank=rank, world_size=world_size, store_addr=store_addr, store_port=store_port,
-                               timeout=timeout, quorum_timeout=timeout,
-                               connect_timeout=timeout)
+                               timeout=timeout, quorum_timeout=timeout, connect_timeout=timeout,
+                               quorum_retries=max(1, round(timeout_s)))  # ~1 s apart (torchft: timeout / (retries + 1))
         comm.label_group(self, "outer")
         explain_elastic_errors()
 
@@ -171,20 +207,20 @@ class TorchftMembership:
             flat = torch.cat([delta * weight, torch.tensor([float(weight)], device=delta.device), hashes.reshape(-1)])
             # counted like comm's ring all-reduce (torchft's process group bypasses comm's wrappers)
             wire = 2 * (k - 1) * flat.numel() * 4 // k if k > 1 else 0
-            t0 = time.perf_counter()
+            # a joiner may be fetching the outer state (theta_global and momentum: 8 bytes a value) from a peer while
+            # the others wait in the first chunk: likely at a first exchange, a grown quorum, a mismatch heal
+            heal = 8 * delta.numel() if k != self.last_workers or self.last_mismatch else 0
             with comm.counted(self, wire):
-                sent = self._allreduce(flat, self._deadline_s(wire + 8 * delta.numel(), attempt))
-            seconds = time.perf_counter() - t0
+                self._allreduce(flat, k, heal, attempt)
             if not self.manager.should_commit():  # a peer failed mid-exchange: form a new quorum without it, send again
                 time.sleep(0.1)
                 continue
-            if sent and k > 1:
-                self.rates = (self.rates + [wire / max(seconds, 1e-6)])[-5:]
+            self.last_workers, self.last_mismatch = k, False
             seen = [int(sum(int(v) << (16 * i) for i, v in enumerate(row))) for row in flat[-4 * k:].view(k, 4).tolist()]
             if len(set(seen)) == 1:
                 return None if flat[-1 - 4 * k] == 0 else flat[:-1 - 4 * k] / flat[-1 - 4 * k]
             reference = max(seen, key=lambda h: (seen.count(h), -seen.index(h)))
-            self.mismatches += 1
+            self.mismatches, self.last_mismatch = self.mismatches + 1, True
             logger.warning(f"outer sync {self.manager.current_step()}: theta_global differs between the workers "
                            f"({sum(h != reference for h in seen)} of {k}); "
                            + ("this worker is healed from a peer" if seen[me] != reference else "healing the other"))
@@ -196,64 +232,61 @@ class TorchftMembership:
                            f"{self.lighthouse}, then restart each site with its command plus --resume")
 
     def link_rate(self):
-        """Bytes/s of the link between the workers: the slowest of the last exchanges, else --link-mbps, else None."""
+        """Bytes/s of the link between the workers: the slowest of the last chunks sent, else --link-mbps, else None."""
         if self.rates:
             return min(self.rates)
         return self.link_mbps * 1e6 / 8 if self.link_mbps > 0 else None
 
+    def _allreduce(self, flat, k, heal_bytes, attempt):
+        """Sum `flat` over the quorum in place, in chunks of about --peer-timeout / 2 seconds at link_rate() (the
+        whole of it while the rate is unknown), each with a progress deadline (_deadline_s): a peer that went
+        silent is given up on within about 2 x --peer-timeout, however long the whole exchange takes. A failure
+        is reported to the manager (should_commit() then says no on every worker). Returns whether it completed."""
+        if self.manager.errored():  # the quorum or a heal failed: nothing to send this round
+            return False
+        rate = self.link_rate()
+        per_chunk = flat.numel() if rate is None else max(self.min_chunk, int(rate * self.peer_timeout_s / 2 / 4))
+        opts = AllreduceOptions()
+        opts.reduceOp = ReduceOp.SUM
+        for lo in range(0, flat.numel(), per_chunk):
+            part = flat[lo:lo + per_chunk]
+            wire = 2 * (k - 1) * part.numel() * 4 // k
+            deadline_s = self._deadline_s(wire + (heal_bytes if lo == 0 else 0), attempt)
+            opts.timeout = timedelta(seconds=deadline_s)
+            t0 = time.perf_counter()
+            try:
+                self.pg.allreduce([part], opts).wait()
+            except Exception as e:  # a peer died, was cut off or went silent past the deadline
+                logger.warning(f"outer exchange failed (deadline {deadline_s:.1f} s): {e}")
+                self.manager.report_error(e)
+                return False
+            if k > 1 and not (lo == 0 and heal_bytes):  # (a heal's wait says nothing about the link)
+                self.rates = (self.rates + [wire / max(time.perf_counter() - t0, 1e-6)])[-5:]
+        return True
+
     def _deadline_s(self, bytes_in_flight, attempt):
-        """How long an outer all-reduce may wait for a silent peer: --peer-timeout plus 3x the transfer time of the
-        bytes in flight (this exchange and a heal a joiner may be fetching meanwhile) at link_rate(), doubled on
-        each retry (a link slower than measured costs a retry, not the run); --collective-timeout while the rate
-        is unknown and at most."""
+        """How long one chunk may take: --peer-timeout plus twice the transfer time of its bytes at link_rate(),
+        doubled on each retry (a link slower than measured costs a retry, not the run); --collective-timeout
+        while the rate is unknown and at most."""
         rate = self.link_rate()
         if rate is None:
             return self.timeout_s
-        return min(self.timeout_s, (self.peer_timeout_s + 3 * bytes_in_flight / rate) * 2 ** attempt)
-
-    def _allreduce(self, flat, deadline_s):
-        """Sum `flat` over the quorum in place, within deadline_s; a failure is reported to the manager (its
-        should_commit() then says no on every worker). Returns whether it completed."""
-        if self.manager.errored():  # the quorum or a heal failed: nothing to send this round
-            return False
-        opts = AllreduceOptions()
-        opts.reduceOp = ReduceOp.SUM
-        opts.timeout = timedelta(seconds=deadline_s)
-        try:
-            self.pg.allreduce([flat], opts).wait()
-            return True
-        except Exception as e:  # a peer died, was cut off or went silent past the deadline
-            logger.warning(f"outer exchange failed after {deadline_s:.1f} s at most: {e}")
-            self.manager.report_error(e)
-            return False
+        return min(self.timeout_s, (self.peer_timeout_s + 2 * bytes_in_flight / rate) * 2 ** attempt)
 
     def _start_quorum(self):
-        """manager.start_quorum(), retried while the Lighthouse is unreachable, for --collective-timeout at most.
-        Each request waits 2 x --peer-timeout at most: one in flight when the Lighthouse died stays stuck for its
-        whole timeout even after a restart, a fresh one is answered at once."""
-        lost_at = None
-        attempt_timeout = timedelta(seconds=min(self.timeout_s, 2 * self.peer_timeout_s))
-        while True:
-            asked_at = time.monotonic()
-            try:
-                self.manager.start_quorum(timeout=attempt_timeout)
-                if lost_at is not None:
-                    logger.warning(f"Lighthouse {self.lighthouse} answers again after {time.monotonic() - lost_at:.1f} s")
-                return
-            except Exception as e:
-                self.manager._quorum_future = None  # torchft re-raises a failed quorum at the next start_quorum
-                waited = 0.0 if lost_at is None else time.monotonic() - lost_at
-                if lost_at is None:
-                    lost_at = asked_at
-                    logger.warning(f"no quorum from the Lighthouse {self.lighthouse} ({type(e).__name__}: {e}); "
-                                   f"retrying for {self.timeout_s:.0f} s (--collective-timeout)")
-                elif waited >= self.timeout_s:
-                    raise ElasticError(f"lost the torchft Lighthouse {self.lighthouse}: no quorum for {waited:.0f} s "
-                                       f"(--collective-timeout {self.timeout_s:.0f}). Restart it (torchft_lighthouse "
-                                       f"--min_replicas 1 --join_timeout_ms 10000 on the same address), then every "
-                                       f"site with its same command plus --resume: each restores its last "
-                                       f"checkpoint and the older ones are healed from the newest") from None
-                time.sleep(1.0)
+        """manager.start_quorum(). While the Lighthouse does not answer, torchft's manager server asks it again about
+        once a second (quorum_retries) until --collective-timeout, reconnecting each time, so a Lighthouse
+        restarted within that time is picked up; past it the run stops with one line saying how to resume."""
+        t0 = time.monotonic()
+        try:
+            self.manager.start_quorum()
+        except Exception as e:
+            raise ElasticError(f"no quorum from the torchft Lighthouse {self.lighthouse} for "
+                               f"{time.monotonic() - t0:.0f} s (--collective-timeout {self.timeout_s:.0f}; "
+                               f"{type(e).__name__}: {str(e)[:200]}): it is down or unreachable. Restart it "
+                               f"(torchft_lighthouse --min_replicas 1 --join_timeout_ms 10000, same address), then "
+                               f"every site with its same command plus --resume: each restores its last checkpoint "
+                               f"and the older ones are healed from the newest") from None
 
     def shutdown(self):
         self.manager.shutdown(wait=False)

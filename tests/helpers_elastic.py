@@ -6,7 +6,8 @@ A toy model trained by the loop base_train runs, in small: restore (--resume) ->
 loop_step() after every sync.step(), a checkpoint every SAVE steps (atomic), stop at STEPS. Faults it makes itself,
 at exact points: --kill-at S (SIGKILL once its loop is at step S, mid-round), --pause-at S (SIGSTOP inside the outer
 all-reduce of the sync at inner step S: the test sends SIGCONT), --fork (after the restore, theta_global is nudged
-by one ulp: a site that silently went another way). --hold S:GATE waits at step S until OUT_DIR/GATE exists;
+by one ulp: a site that silently went another way). --hold S:GATE waits at step S until OUT_DIR/GATE exists
+(S:GATE:together: at the first step from S on right after an outer sync with a peer), writing OUT_DIR/holding_GATE;
 --release GATE creates OUT_DIR/GATE just before joining, --wait-for GATE
 waits for it there. It writes OUT_DIR/TAG.pt after every outer sync:
 records (wall time, loop step, sync step, workers, theta hash), and at the end the final theta_global."""
@@ -68,13 +69,13 @@ def main():
     if pause >= 0:
         exchange = sync.membership._allreduce
 
-        def pausing_allreduce(flat, deadline_s):
+        def pausing_allreduce(*args):
             if sync.inner_step == pause:
                 os.kill(os.getpid(), signal.SIGSTOP)  # cut off inside the exchange, until the test's SIGCONT
-            return exchange(flat, deadline_s)
+            return exchange(*args)
 
         sync.membership._allreduce = pausing_allreduce
-    holds = dict((int(s), g) for s, g in (h.split(":") for h in a.hold))
+    holds = sorted((int(h.split(":")[0]), h.split(":")[1], h.endswith(":together")) for h in a.hold)
     if a.release:
         open(os.path.join(a.out, a.release), "w").close()
     while a.wait_for and not os.path.exists(os.path.join(a.out, a.wait_for)):
@@ -91,8 +92,10 @@ def main():
 
     record()
     while step < STEPS:
-        if step in holds:
-            while not os.path.exists(os.path.join(a.out, holds[step])):
+        if holds and step >= holds[0][0] and (not holds[0][2] or (step % H == 0 and sync.membership.workers() > 1)):
+            _, gate, _ = holds.pop(0)
+            atomic_save(step, os.path.join(a.out, f"holding_{gate}"))
+            while not os.path.exists(os.path.join(a.out, gate)):
                 time.sleep(0.01)
         x, y = toy_batch(int(a.name[-1]), step)
         nn.functional.mse_loss(model(x), y).backward()
