@@ -304,8 +304,9 @@ def test_a_lighthouse_back_within_the_quorum_timeout_is_survived(fault_run):
     _, logs, _, held = fault_run
     w0, w1b = logs["w0"], logs["w1b"]
     shared = _assert_same_where_together(w0, w1b)
-    # killed while w1 waited for the sync after held["lh_down"]: the same processes synced together after it came back
-    assert [s for s in shared if s > held["lh_down"]][:2] == [held["lh_down"] + 2, held["lh_down"] + 4]
+    # killed while w1 waited for the sync after held["lh_down"]: the same processes made that sync together once it
+    # came back, and went on together (to held["lh_lost"], where the next case begins)
+    assert [s for s in shared if s > held["lh_down"]][0] == held["lh_down"] + 2 <= held["lh_lost"]
 
 
 def test_a_lost_lighthouse_stops_each_site_with_one_line_naming_it_and_the_resume_is_identical(fault_run):
