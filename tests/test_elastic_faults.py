@@ -187,7 +187,7 @@ def _paused(proc):
 def fault_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("faults"))
     deadline, t0, events = time.time() + DEADLINE, time.time(), []
-    event = lambda what: events.append((time.time() - t0, what))
+    event = lambda what: events.append((time.time(), what))
     port = _free_port()
     addr = f"http://localhost:{port}"
     procs, logs = {}, {}
@@ -244,7 +244,8 @@ def fault_run(tmp_path_factory):
         _wait(lambda: all(procs[t].poll() is not None for t in ("w0c", "w1c")), deadline, "the resumed sites to finish")
         event("both sites finished")
         for when, what in events:
-            print(f"{when:6.1f} s  {what}")
+            print(f"{when - t0:6.1f} s  {what}")
+        torch.save(events, os.path.join(out, "events.pt"))
         codes = {tag: p.returncode for tag, p in procs.items()}
         outputs = {}
         for tag, f in logs.items():
