@@ -210,9 +210,10 @@ def sample():
 
 
 metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
-if master:  # keep the history up to the resume point; the resumed run appends the rest
+if master:  # keep the history up to the resume point (or the step an elastic restart joined at); the run appends the rest
     os.makedirs(ckpt_dir, exist_ok=True)
-    kept = metrics_until(metrics_path, start_step) if args.resume and os.path.exists(metrics_path) else []
+    keep = args.resume or (args.elastic != "off" and start_step > 0)
+    kept = metrics_until(metrics_path, start_step) if keep and os.path.exists(metrics_path) else []
     with open(metrics_path, "w") as f:
         f.writelines(json.dumps(record) + "\n" for record in kept)
 

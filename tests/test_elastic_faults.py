@@ -332,3 +332,16 @@ def test_a_site_whose_theta_global_differs_is_healed_not_forked(fault_run):
     assert w0c["mismatches"] >= 1 and w1c["mismatches"] >= 1  # both saw the one-ulp difference...
     _assert_same_where_together(w0c, w1c)  # ...and from then on hold the same theta_global
     assert torch.equal(w0c["final"], w1c["final"])
+
+
+def test_the_loop_takes_its_step_from_a_sync_that_owns_it_and_stops_past_the_end():
+    from types import SimpleNamespace
+
+    from nanochat.train_loop import loop_step, plan
+    assert loop_step(7, SimpleNamespace(owned_step=None)) == 7  # DDP, plain DiLoCo: the loop counts
+    assert loop_step(7, SimpleNamespace(owned_step=40)) == 40  # elastic: healed to a peer's step
+    assert loop_step(7, object()) == 7
+    # a heal that jumps past the end or --stop-after stops there (and saves), it does not run on forever
+    assert plan(42, 40).stop and plan(42, 40).last and plan(42, 40).save
+    assert plan(12, 40, stop_after=10).stop and not plan(12, 40, stop_after=10).last
+    assert not plan(12, 40).stop and not plan(12, 40, stop_after=-1).stop
