@@ -68,7 +68,7 @@ def test_policy_gradient_is_advantage_weighted_log_prob_of_sampled_tokens(base_d
     expected.backward()
     assert abs(loss - expected.item()) < 1e-6
     for got, want in zip(grads, (p.grad for p in model.parameters())):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # fp32 summation order: ~1e-7 apart
 
 
 def test_rollout_keeps_the_stop_token_and_masks_tool_output(base_dir):
