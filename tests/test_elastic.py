@@ -17,6 +17,7 @@ from diloco.sync import WorkerGroups
 from tests.test_diloco import GroupSGD, sync_args, toy_batch, toy_model
 
 H = 2
+pytestmark = pytest.mark.timeout(420)  # the whole run happens in the first test's fixture
 
 
 def _worker(name, lighthouse, out_dir, role):
@@ -30,7 +31,7 @@ def _worker(name, lighthouse, out_dir, role):
     groups = WorkerGroups(1, 1, 0, 0, None, None)
     sync = make_sync(args, model, [GroupSGD(model.parameters(), 0.1)], groups)
     joined_at, records, rejoined_at, met_peer_at = sync.inner_step, [], None, None
-    deadline = time.time() + 200  # generous: a loaded machine may take a minute to spawn the joiner
+    deadline = time.time() + 280  # generous: a loaded machine may take a minute to spawn the joiner
     while time.time() < deadline:
         x, y = toy_batch(hash(name) % 7, sync.inner_step)
         nn.functional.mse_loss(model(x), y).backward()
@@ -54,6 +55,14 @@ def _worker(name, lighthouse, out_dir, role):
     os._exit(0 if time.time() < deadline else 3)
 
 
+def _went_alone(path):
+    try:
+        seen = [workers for _, workers, _ in torch.load(path)["records"]]
+        return 2 in seen and 1 in seen[seen.index(2) + 1:]  # had a peer, then a round without it
+    except Exception:  # not written yet, or caught while being written
+        return False
+
+
 @pytest.fixture(scope="module")
 def elastic_run(tmp_path_factory):
     from torchft.coordination import LighthouseServer
@@ -66,8 +75,12 @@ def elastic_run(tmp_path_factory):
         for role, name in (("survivor", "w0"), ("victim", "w1")):
             procs[role] = ctx.Process(target=_worker, args=(name, lighthouse.address(), str(out), role))
             procs[role].start()
-        deadline = time.time() + 240  # one budget for the whole run, so a hang fails in minutes
+        deadline = time.time() + 320  # one budget for the whole run, so a hang fails in minutes
         procs["victim"].join(120)
+        # the joiner starts once the survivor has gone on alone: with the same replica id, a joiner that came up
+        # before the Lighthouse timed the victim out would simply take its place, and no round alone would happen
+        while time.time() < deadline and not _went_alone(out / "survivor.pt"):
+            time.sleep(0.2)
         procs["joiner"] = ctx.Process(target=_worker, args=("w1", lighthouse.address(), str(out), "joiner"))
         procs["joiner"].start()
         for p in procs.values():
