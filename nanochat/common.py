@@ -2,6 +2,7 @@
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 import sys
@@ -34,6 +35,15 @@ def get_base_dir():
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     os.makedirs(base_dir, exist_ok=True)
     return base_dir
+
+
+def sha256_file(path):
+    """Hex sha256 of a file, read in 1 MiB pieces (archives and checkpoints can be GiBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_atomic(path, data):

