@@ -84,9 +84,12 @@ def main(stage, argv=None):
     train_model = run.setup(model, init_lr_frac=args.init_lr_frac, unembedding_lr=args.unembedding_lr,
                             embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr)
 
+    targets = {}  # of the last micro-batch: an sft batch whose rows all end before their answers has none
+
     def micro_step(x, y):
-        with run.autocast:  # mean over the batch's targets; an sft batch cut before any answer contributes 0
-            return train_model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
+        targets["tokens"] = (y >= 0).sum()
+        with run.autocast:  # mean over the batch's targets; a batch without any has loss 0 and no gradient
+            return train_model(x, y, loss_reduction="none").sum() / targets["tokens"].clamp(min=1)
 
     rows_per_rank = examples_per_step // run.world_size  # the micro-batch divides it: accumulation keeps the total
     B, grad_accum_steps = run.device_batch(B, largest_B, rows_per_rank, micro_step, T)
@@ -125,8 +128,11 @@ def main(stage, argv=None):
         return lrm
 
     def progress(step, loss, lrm, dt):
-        print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {loss:.4f} | lrm {lrm:.2f} | "
+        n = targets["tokens"].item()  # a loss of 0 then means no target, not a perfect prediction: say which
+        shown = f"{loss:.4f}" if n else f"- (no target tokens: the rows end before their answers at {T} tokens)"
+        print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {shown} | lrm {lrm:.2f} | "
                f"epoch {run.loader_state['epoch']} | dt {dt * 1000:.0f} ms")
+        return {"target_tokens": n}
 
     source = {"source": args.source, "source_tag": source_meta["model_tag"], "source_step": source_meta["step"]}
     step, at = run.train(train_loader, micro_step, grad_accum_steps, schedule, evaluate, progress,
