@@ -3,8 +3,8 @@ and its sync, resume or a fresh start, the data position, evals, saves, the metr
 report with the bytes that crossed between workers (asked of the sync object). A stage's script declares only its
 own: flags, model, loader, loss, evaluation, schedule and progress line.
 
-    run = StageRun("mid", run_config_from_args(args), sync_lib, sync_config, vars(args))  # device, ranks, wandb
-    model = ...                                               # built from scratch or loaded
+    run = StageRun("mid", run_config_from_args(args), sync_lib, sync_config, vars(args), "wandb-project")
+    model = ...                                               # the stage's: built from scratch or loaded
     train_model = run.setup(model, init_lr_frac=0.02, matrix_lr=...)  # worker groups, optimizers, sync, compile
     B, grad_accum_steps = run.device_batch(B, largest_B, rows_per_rank, micro_step, seq_len)
     run.start(tag, num_steps, unit="rows", per_step=rows)     # --resume, or step 0 (an elastic joiner: its peers')
