@@ -1,4 +1,4 @@
-"""Sandboxed execution of model-generated Python: HumanEval scoring and the python tool used in generation.
+"""Sandboxed execution of model-generated Python: the python tool used in generation, and HumanEval's runs.
 
 Each run is a bootstrap process (`python execution.py --bootstrap`) that confines a fresh child, runs the code
 in it with a wall-clock timeout, kills everything the code started and reports how it ended. Every run gets
@@ -38,20 +38,12 @@ memory_exceeded, besides a MemoryError that ended the program. Namespace modes a
 own IPC namespace (shared memory in total = the memory limit, IPC_MAX_IDS ids of each kind) and the work
 tmpfs (size and inodes). Without a cgroup, memory outside the address space is bounded only by the timeout.
 
-HumanEval (check_humaneval): a program can print anything and read its own source, so nothing it prints
-counts. The candidate's code runs in one process and the tests in another, the harness: forked from the
-bootstrap (never exec'd, so it runs only the problem's prompt and tests), non-dumpable (it cannot be traced
-or read) and, in root mode, a different uid. Each call of the entry point goes to the candidate's process
-over a pipe and comes back as plain data (None, bool, int, float, complex, str, bytes, list, tuple, set,
-frozenset, dict), rebuilt by the harness, so only equal values satisfy the tests; the verdict reaches the
-bootstrap over a pipe the candidate never holds. In guard mode as a non-root user the candidate runs as the
-caller, so there the verdict is only as strong as the hook.
-
-Entry points: execute_code(code), check_humaneval(problem, completion). The chat tool's calculator is
+Entry point: execute_code(code). HumanEval's harness (the candidate's code and the tests in two processes)
+is nanochat/humaneval_harness.py: it runs through run_sandboxed with a `check`, and its tests run in
+_harness_child; check_humaneval and run_humaneval are importable from here too. The chat tool's calculator is
 nanochat/calculator.py.
 """
 
-import builtins
 import errno
 import json
 import math
@@ -69,6 +61,12 @@ from dataclasses import dataclass
 
 # ctypes and subprocess are imported inside the functions that need them: the guard-mode child runs this
 # file, and a module already imported there would be handed to the code without passing the import audit.
+
+if __name__ != "__main__":  # (the bootstrap, python -I -S execution.py, sees no package: see _load_harness)
+    from nanochat.humaneval_harness import check_humaneval, run_humaneval
+
+__all__ = ["ExecutionResult", "SandboxError", "check_humaneval", "execute_code", "isolation_mode", "run_humaneval",
+           "run_sandboxed"]
 
 MAX_OUTPUT_BYTES = 1 << 20  # stdout / stderr kept per stream
 MAX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE: any file written, captured output included
@@ -118,22 +116,12 @@ class ExecutionResult:
 
 def execute_code(code, timeout=5.0, memory_limit_mb=256, isolation=None):
     """Run `code` as a Python program in the sandbox. isolation: None = strongest available (isolation_mode())."""
-    return _run(code, timeout, memory_limit_mb, isolation)
+    return run_sandboxed(code, timeout, memory_limit_mb, isolation)
 
 
-def run_humaneval(problem, completion, timeout=10.0, memory_limit_mb=256, isolation=None):
-    """prompt + completion against the problem's tests (see the module docstring); success = they all passed."""
-    program = f"{problem['prompt']}{completion}\n\n{RPC_SOURCE}\n__nanochat_serve({problem['entry_point']!r})\n"
-    check = {"prompt": problem["prompt"], "test": problem["test"], "entry_point": problem["entry_point"]}
-    return _run(program, timeout, memory_limit_mb, isolation, check)
-
-
-def check_humaneval(problem, completion, timeout=10.0):
-    """True when prompt + completion passes the problem's unit tests in the sandbox."""
-    return run_humaneval(problem, completion, timeout).success
-
-
-def _run(code, timeout, memory_limit_mb, isolation, check=None):
+def run_sandboxed(code, timeout, memory_limit_mb, isolation, check=None):
+    """Run `code` in the sandbox; with check (nanochat/humaneval_harness.py) the harness process runs its tests
+    against the program's entry point and success is their verdict."""
     import subprocess
     mode = isolation or isolation_mode()
     if mode not in MODES:
@@ -361,116 +349,6 @@ def _kill(pid, group=False):
         (os.killpg if group else os.kill)(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-# -----------------------------------------------------------------------------
-# HumanEval's two processes talk over pipes in plain data. The same source runs in the harness (exec'd) and,
-# appended to the program, in the candidate's process, which serves calls of the entry point on fds 3 and 4.
-
-RPC_SOURCE = r'''
-def __nanochat_rpc():
-    import json, os
-    kinds = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
-
-    def pack(v):
-        if v is None or isinstance(v, (bool, str)):
-            return v
-        if isinstance(v, int):
-            return ["int", format(v, "x")]  # hex: no digit limit
-        if isinstance(v, float):
-            return ["float", float.hex(v)]  # exact, inf and nan included
-        if isinstance(v, complex):
-            return ["complex", float.hex(v.real), float.hex(v.imag)]
-        if isinstance(v, (bytes, bytearray)):
-            return ["bytes", bytes(v).hex()]
-        if isinstance(v, dict):
-            return ["dict", [[pack(k), pack(x)] for k, x in v.items()]]
-        for name, kind in kinds.items():
-            if isinstance(v, kind):
-                return [name, [pack(x) for x in v]]
-        raise TypeError(f"a {type(v).__name__} cannot cross the sandbox (plain data only)")
-
-    def unpack(x):
-        if x is None or isinstance(x, (bool, str)):
-            return x
-        tag, *rest = x
-        if tag == "int":
-            return int(rest[0], 16)
-        if tag == "float":
-            return float.fromhex(rest[0])
-        if tag == "complex":
-            return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
-        if tag == "bytes":
-            return bytes.fromhex(rest[0])
-        if tag == "dict":
-            return {unpack(k): unpack(v) for k, v in rest[0]}
-        return kinds[tag](unpack(y) for y in rest[0])
-
-    def send(fd, obj):
-        data = json.dumps(obj).encode()
-        view = memoryview(len(data).to_bytes(8, "big") + data)
-        while view:
-            view = view[os.write(fd, view):]
-
-    def recv(fd):
-        def exactly(n):
-            chunks = []
-            while n:
-                chunk = os.read(fd, min(n, 1 << 20))
-                if not chunk:
-                    raise EOFError("the other process closed its pipe")
-                chunks.append(chunk)
-                n -= len(chunk)
-            return b"".join(chunks)
-        return json.loads(exactly(int.from_bytes(exactly(8), "big")))
-
-    return pack, unpack, send, recv
-
-
-def __nanochat_serve(name):
-    pack, unpack, send, recv = __nanochat_rpc()
-    function = globals().get(name)
-    while True:
-        try:
-            args, kwargs = recv(3)
-        except EOFError:
-            return
-        try:
-            reply = ["ok", pack(function(*unpack(args), **unpack(kwargs)))]
-        except Exception as e:
-            reply = ["raise", type(e).__name__, str(e)[:1000]]
-        send(4, reply)
-'''
-
-
-def _check(check, req_w, resp_r):
-    """The harness: the prompt and the tests, with `candidate` a stub that calls into the candidate's process."""
-    rpc = {}
-    exec(RPC_SOURCE, rpc)
-    pack, unpack, send, recv = rpc["__nanochat_rpc"]()
-
-    def candidate(*args, **kwargs):
-        send(req_w, [pack(args), pack(kwargs)])
-        reply = recv(resp_r)
-        if reply[0] == "ok":
-            return unpack(reply[1])
-        name, message = str(reply[1]), str(reply[2])
-        kind = getattr(builtins, name, None)  # the candidate's exception, as a builtin type where it is one
-        if isinstance(kind, type) and issubclass(kind, Exception):
-            raise kind(message)
-        raise RuntimeError(f"{name}: {message}")
-
-    env = {"__name__": "__check__"}
-    try:
-        exec(compile(check["prompt"], "prompt", "exec"), env)
-        env[check["entry_point"]] = candidate  # some tests call the entry point by name (HumanEval/33)
-        exec(compile(check["test"], "test", "exec"), env)
-        env["check"](candidate)
-    except EOFError:
-        return {"passed": False, "reason": "the program ended before the tests finished"}
-    except BaseException as e:
-        text = str(e).strip().splitlines()[:1]
-        return {"passed": False, "reason": f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__}
-    return {"passed": True, "reason": None}
 
 # -----------------------------------------------------------------------------
 # Inside the sandbox. The bootstrap runs as `python -I -S execution.py --bootstrap CONFIG` with the caller's
@@ -705,7 +583,18 @@ def _program_child(cfg, root, report_w, rpc_fds):
     os._exit(70)
 
 
-def _harness_child(cfg, root, report_w, req_w, resp_r, verdict_w):
+def _load_harness():
+    """The bootstrap's run_tests (nanochat/humaneval_harness.py, stdlib only), loaded before any chroot from the
+    file beside this one: python -I -S sees no package."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        from humaneval_harness import run_tests
+    finally:
+        sys.path.pop(0)
+    return run_tests
+
+
+def _harness_child(cfg, root, report_w, req_w, resp_r, verdict_w, run_tests):
     """HumanEval's tests, in their own process (see the module docstring); reports a verdict and exits."""
     keep = sorted({report_w, req_w, resp_r, verdict_w})
     for lo, hi in zip([3] + [fd + 1 for fd in keep], keep + [resource.getrlimit(resource.RLIMIT_NOFILE)[0]]):
@@ -718,7 +607,7 @@ def _harness_child(cfg, root, report_w, req_w, resp_r, verdict_w):
         _confine(cfg, root, cfg["harness_uid"], "/", mount_proc=False)
         _report(report_w, who="harness")
         os.close(report_w)
-        verdict = _check(cfg["check"], req_w, resp_r)
+        verdict = run_tests(cfg["check"], req_w, resp_r)
     except _Refused as e:
         _report(report_w, refused=str(e))
         os._exit(70)
@@ -812,6 +701,7 @@ def _bootstrap(cfg):
     _libc("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)  # inherited by the harness (never exec'd): no ptrace, no /proc reads
     _libc("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # what the code leaves running comes back to us
     mode, root = cfg["mode"], None
+    run_tests = _load_harness() if cfg["check"] is not None else None  # before the namespaces
     cfg["ipc_limited"] = False
     if mode == "guard":
         cfg["guard"]["allowed"] = PYTHON_PREFIXES  # this interpreter's, which need not be the caller's
@@ -847,7 +737,7 @@ def _bootstrap(cfg):
         except OSError:  # the program already ended, and its pid namespace with it: no verdict
             pass
         if harness == 0:
-            _harness_child(cfg, root, report_w, req_w, resp_r, verdict_w)
+            _harness_child(cfg, root, report_w, req_w, resp_r, verdict_w, run_tests)
         for fd in (req_r, req_w, resp_r, resp_w, verdict_w):
             os.close(fd)
     os.close(report_w)

@@ -160,12 +160,13 @@ def bytes_across_workers(sync, stats):
 
 def train_steps(sync, start_step, num_steps, grad_accum_steps, micro_step, next_batch, schedule, *, device_type,
                 resumed=False, stop_after=-1, eval_every=0, sample_every=0, save_every=0, at_checkpoint=None,
-                on_step=None):
+                on_step=None, backward=None):
     """The optimizer-step loop of every stage. Before each step (and after the last): at_checkpoint(step, at), on
     theta_global and on every rank, when plan() says to eval, sample or save. Each step: grad_accum_steps micro-steps
-    of micro_step(*next_batch()) (the loss divided by grad_accum_steps is backpropagated), schedule(step) -> lr
-    multiplier (it sets the optimizers' lrs), sync.step(); then on_step(step, loss, lrm, dt), dt the step's seconds
-    (device synchronised). -> (the last step reached, its plan)"""
+    of micro_step(*next_batch()) (the loss divided by grad_accum_steps is backpropagated), or, for a stage that makes
+    its data inside the step (chat_rl's rollouts), backward(step) -> loss, having accumulated the gradients itself;
+    then schedule(step) -> lr multiplier (it sets the optimizers' lrs), sync.step(); then on_step(step, loss, lrm,
+    dt), dt the step's seconds (device synchronised). -> (the last step reached, its plan)"""
     step, at = start_step, None
     for step in range(start_step, num_steps + 1):
         at = plan(step, num_steps, resumed_at=start_step if resumed else None, stop_after=stop_after,
@@ -177,9 +178,12 @@ def train_steps(sync, start_step, num_steps, grad_accum_steps, micro_step, next_
             break
         device_synchronize(device_type)
         t0 = time.time()
-        for _ in range(grad_accum_steps):
-            loss = micro_step(*next_batch())
-            (loss / grad_accum_steps).backward()
+        if backward is not None:
+            loss = backward(step)
+        else:
+            for _ in range(grad_accum_steps):
+                loss = micro_step(*next_batch())
+                (loss / grad_accum_steps).backward()
         lrm = schedule(step)
         sync.step()
         device_synchronize(device_type)

@@ -16,21 +16,19 @@ so chat_eval scores this model's GSM8K on the second half only.
 """
 
 import argparse
-import json
-import os
 import time
 
 import torch
 
 from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_training
 from nanochat.comm import all_reduce_sum, global_comm_stats
-from nanochat.common import (UsageError, autocast_context, autodetect_device_type, compute_cleanup, compute_init,
-                             device_synchronize, exit_now, get_dist_info, init_wandb, print0, usage_errors)
+from nanochat.common import UsageError, autocast_context, compute_cleanup, exit_now, get_dist_info, print0, usage_errors
 from nanochat.engine import Engine
 from nanochat.memory import explain_out_of_memory
 from nanochat.report import get_report
+from nanochat.runner import RunConfig, StageRun
 from nanochat.stage import STAGE_NAMES, STAGES
-from nanochat.train_loop import bytes_across_workers, on_theta_global, plan, scale_initial_lrs, set_schedule
+from nanochat.train_loop import MetricsLog, bytes_across_workers, set_schedule, train_steps
 from scripts.sync_choice import sync_lib
 from tasks.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
 
@@ -131,12 +129,12 @@ def policy_gradient_backward(model, sequences, device_batch_size):
 
 def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_label, args, save=None, log=None,
              resume=None):
-    """Run the RL loop; returns (history, finished): the history has {"step", "reward", ...} per step and
-    {"step", "pass@1", ...} per eval; finished is False when --stop-after ended it early.
-    train_task: a task with __len__, __getitem__ and reward(conversation, text); eval_task: for run_chat_eval.
-    save(step, state) is called (on every rank, the model holding theta_global) at checkpoint steps with the
-    loop's own state; resume=(step, state) continues from one, the caller having restored the weights,
-    optimizers and sync. log(record) receives every new record."""
+    """Run the RL loop (train_loop.train_steps, each step's data its own rollouts); returns (history, finished):
+    the history has {"step", "reward", ...} per step and {"step", "pass@1", ...} per eval; finished is False when
+    --stop-after ended it early. train_task: a task with __len__, __getitem__ and reward(conversation, text);
+    eval_task: for run_chat_eval. save(step, state) is called (on every rank, the model holding theta_global) at
+    checkpoint steps with the loop's own state; resume=(step, state) continues from one, the caller having restored
+    the weights, optimizers and sync. log(record) receives every new record."""
     _, rank, _, world = get_dist_info()
     engine = Engine(model, tokenizer)
     if args.examples_per_step % world:
@@ -147,39 +145,32 @@ def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_lab
     start_step, state = resume or (0, {"history": [], "window": [0.0, 0.0]})
     history = list(state["history"])
     window = torch.tensor(state["window"], dtype=torch.float64, device=device)  # rewards since the last eval: sum, count
+    rolled = {}  # this step's rollouts, for its record
 
     def record(entry):
         history.append(entry)
         if log:
             log(entry)
 
-    for step in range(start_step, num_steps + 1):
-        at = plan(step, num_steps, resumed_at=start_step if resume else None, stop_after=args.stop_after,
-                  eval_every=args.eval_every or num_steps, save_every=args.save_every)  # 0: at the start and end
-        at.save = at.save and save is not None
-        if at.eval or at.save:
-            with on_theta_global(sync, at.last):  # collective: every rank takes part
-                if at.eval:
-                    result = run_chat_eval(model, tokenizer, engine, eval_label, max_problems=args.eval_examples,
-                                           max_new_tokens=args.max_new_tokens, temperature=0.0, task=eval_task)
-                    all_reduce_sum(window)
-                    mean_reward = (window[0] / window[1]).item() if window[1] > 0 else None
-                    window.zero_()
-                    print0(f"step {step:05d} | {eval_label} pass@1 {result['accuracy']:.4f} "
-                           f"({result['correct']}/{result['total']})"
-                           + (f" | train reward since last eval (all ranks) {mean_reward:.4f}" if step > 0 else ""))
-                    record({"step": step, "pass@1": result["accuracy"], "eval_total": result["total"],
-                            "window_reward": mean_reward})
-                if at.save:
-                    save(step, {"history": history, "window": window.tolist()})
-        if at.stop:
-            break
+    def at_checkpoint(step, at):  # on theta_global, every rank
+        if at.eval:
+            result = run_chat_eval(model, tokenizer, engine, eval_label, max_problems=args.eval_examples,
+                                   max_new_tokens=args.max_new_tokens, temperature=0.0, task=eval_task)
+            all_reduce_sum(window)
+            mean_reward = (window[0] / window[1]).item() if window[1] > 0 else None
+            window.zero_()
+            print0(f"step {step:05d} | {eval_label} pass@1 {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
+                   + (f" | train reward since last eval (all ranks) {mean_reward:.4f}" if step > 0 else ""))
+            record({"step": step, "pass@1": result["accuracy"], "eval_total": result["total"],
+                    "window_reward": mean_reward})
+        if at.save and save is not None:
+            save(step, {"history": history, "window": window.tolist()})
 
-        device_synchronize(device.type)
-        t0 = time.time()
+    def backward(step):
+        """This rank's prompts of the step, --num-samples rollouts each, then the policy gradient."""
         model.eval()
         sequences, rewards, lengths, informative = [], [], [], 0
-        for k in range(rank, args.examples_per_step, world):  # this rank's prompts of the step
+        for k in range(rank, args.examples_per_step, world):
             slot = step * args.examples_per_step + k
             conversation = train_task[slot % len(train_task)]
             prompt, completions, masks = rollout(engine, tokenizer, conversation, args.num_samples, args.max_new_tokens,
@@ -193,18 +184,27 @@ def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_lab
             informative += sum(reward != baseline for reward in prompt_rewards)
             lengths += [len(c) for c in completions]
         model.train()
-        loss = policy_gradient_backward(model, sequences, args.device_batch_size)
+        rolled.update(rewards=rewards, lengths=lengths, informative=informative)
+        return policy_gradient_backward(model, sequences, args.device_batch_size)
+
+    def schedule(step):
         lrm = 1.0 - step / num_steps
         set_schedule(optimizers, lrm)  # Muon's momentum stays 0.95, as in nanochat's chat_rl (see chat_train.py)
-        sync.step()
-        device_synchronize(device.type)
-        dt = time.time() - t0
-        mean_reward = sum(rewards) / len(rewards)
-        window += torch.tensor([sum(rewards), len(rewards)], dtype=torch.float64, device=device)
+        return lrm
+
+    def on_step(step, loss, lrm, dt):
+        rewards, lengths = rolled["rewards"], rolled["lengths"]
+        mean_reward, mean_length = sum(rewards) / len(rewards), sum(lengths) / len(lengths)
+        window.add_(torch.tensor([sum(rewards), len(rewards)], dtype=torch.float64, device=device))
         print0(f"step {step + 1:05d}/{num_steps:05d} | reward {mean_reward:.4f} | loss {loss:+.5f} | "
-               f"length {sum(lengths) / len(lengths):.1f} | lrm {lrm:.2f} | dt {dt * 1000:.0f} ms (this rank)")
-        record({"step": step + 1, "reward": mean_reward, "informative": informative, "loss": loss,
-                "length": sum(lengths) / len(lengths), "dt": dt, "outer_wait_seconds": sync.wait_seconds})
+               f"length {mean_length:.1f} | lrm {lrm:.2f} | dt {dt * 1000:.0f} ms (this rank)")
+        record({"step": step + 1, "reward": mean_reward, "informative": rolled["informative"], "loss": loss,
+                "length": mean_length, "dt": dt, "outer_wait_seconds": sync.wait_seconds})
+
+    # --eval-every 0: evals at the start and the end only
+    _, at = train_steps(sync, start_step, num_steps, 1, None, None, schedule, device_type=device.type,
+                        resumed=resume is not None, stop_after=args.stop_after, eval_every=args.eval_every or num_steps,
+                        save_every=args.save_every, at_checkpoint=at_checkpoint, on_step=on_step, backward=backward)
     return history, at.last
 
 
@@ -215,54 +215,41 @@ def main(argv=None):
         raise UsageError("chat_rl does not take --elastic: its prompts are dealt by rank within one torchrun job, so "
                          "every elastic worker would roll out the same prompts; run RL with a fixed set of workers "
                          "(--sync diloco without --elastic)")
-    device_type = args.device_type or autodetect_device_type()
-    explain_out_of_memory(args.device_batch_size)  # an OOM ends the run with one line saying what to try
-    _, rank, _, world, device = compute_init(device_type, seed=args.seed, timeout_s=args.collective_timeout)
-    master = rank == 0
-    wandb_run = init_wandb(args.run, "nanochat-diloco-rl", vars(args), master)
-    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
+    run = StageRun("rl", RunConfig(device_type=args.device_type, run=args.run, seed=args.seed, compile=0), sync_lib,
+                   sync_config, vars(args), "nanochat-diloco-rl")
+    explain_out_of_memory(args.device_batch_size)  # an OOM names the micro-batch to lower
+    model, tokenizer, meta = load_model(args.source, run.device, phase="train", model_tag=args.model_tag, step=args.step)
     print0(f"RL from {args.source}/{meta['model_tag']} step {meta['step']} | {model.num_params():,} parameters | "
-           f"{world} rank(s), sync {args.sync}")
+           f"{run.world_size} rank(s), sync {args.sync}")
     train_task, eval_task, eval_label, trained_on_test = gsm8k_split()
+    run.setup(model, init_lr_frac=args.init_lr_frac, unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+              matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    sync = run.sync
 
-    groups = sync_lib.make_worker_groups(sync_config)
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
-                                        process_group=groups.inner)
-    scale_initial_lrs(optimizers, args.init_lr_frac)
-    sync = sync_lib.make_sync(sync_config, model, optimizers, groups)
-
+    # RL's checkpoint holds no data position (its data are its rollouts, seeded by slot) but the loop's own state
     ckpt_dir = checkpoint_dir("rl", args.output_tag or meta["model_tag"])
-    metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
     resume, seconds_before = None, 0.0
     if args.resume:  # the weights, optimizers and sync, then the loop's step, history and reward window
-        step, rl_meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank)
+        step, rl_meta, extra = restore_training(ckpt_dir, model, run.optimizers, sync, run.device, run.rank)
         resume, seconds_before = (step, extra["loop"]), rl_meta["train_seconds"]
-    history = resume[1]["history"] if resume else []
-    if master:  # rank 0's history is what it logged up to the checkpoint
-        os.makedirs(ckpt_dir, exist_ok=True)
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(entry) + "\n" for entry in history)
-    last_eval = next((entry for entry in reversed(history) if "pass@1" in entry), {})
+    metrics = MetricsLog(ckpt_dir, run.wandb_run, run.master, resumed_at=resume[0] if resume else None)
+    last_eval = next((entry for entry in reversed(resume[1]["history"] if resume else []) if "pass@1" in entry), {})
 
     def log(entry):
         if "pass@1" in entry:
             last_eval.update(entry)
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-        wandb_run.log(entry)
+        metrics.log(entry)
 
     t0 = time.time() - seconds_before
 
     def save(step, loop_state):
         rl_meta = {"model_config": meta["model_config"], "user_config": vars(args), "stage": "rl",
                    "parent": {"source": args.source, "model_tag": meta["model_tag"], "step": meta["step"]},
-                   "eval_label": eval_label, "pass@1": last_eval.get("pass@1"), "world_size": world, "sync": sync.mode,
-                   "trained_on_test": trained_on_test or {}, "train_seconds": time.time() - t0}
-        save_training(ckpt_dir, step, model, optimizers, sync, rl_meta, rank, extra={"loop": loop_state})
+                   "eval_label": eval_label, "pass@1": last_eval.get("pass@1"), "world_size": run.world_size,
+                   "sync": sync.mode, "trained_on_test": trained_on_test or {}, "train_seconds": time.time() - t0}
+        save_training(ckpt_dir, step, model, run.optimizers, sync, rl_meta, run.rank, extra={"loop": loop_state})
 
-    history, finished = train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_label, args,
+    history, finished = train_rl(model, tokenizer, run.optimizers, sync, train_task, eval_task, eval_label, args,
                                  save=save, log=log, resume=resume)
     seconds = time.time() - t0
     if not finished:
@@ -278,7 +265,7 @@ def main(argv=None):
                f"reward last {tenth} steps (rank 0)": final,
                f"{eval_label} pass@1 at start": evals[0]["pass@1"], f"{eval_label} pass@1 at end": evals[-1]["pass@1"],
                "eval problems": evals[-1]["eval_total"], "seconds": seconds, "outer_wait_seconds": sync.wait_seconds}
-    informative = torch.tensor([sum(h["informative"] for h in history if "reward" in h)], device=device)
+    informative = torch.tensor([sum(h["informative"] for h in history if "reward" in h)], device=run.device)
     all_reduce_sum(informative)
     summary["bytes_across_workers"] = bytes_across_workers(sync, global_comm_stats())  # collective: every rank
     summary["samples with a nonzero advantage (all ranks)"] = informative.item()
@@ -292,14 +279,13 @@ def main(argv=None):
         verdict = f"mean reward did not improve ({first:.4f} -> {final:.4f})"
     print0(f"done: {verdict}")
     get_report().log(section=STAGES["rl"].section, data=[
-        {"source": f"{args.source}/{meta['model_tag']} step {meta['step']}", "ranks": world, "sync": sync.mode,
+        {"source": f"{args.source}/{meta['model_tag']} step {meta['step']}", "ranks": run.world_size, "sync": sync.mode,
          "examples_per_step": args.examples_per_step, "num_samples": args.num_samples, "train split":
          "GSM8K test[first half] (offline: no train split)" if trained_on_test else "GSM8K train"},
         summary, verdict])
-    wandb_run.finish()
+    run.wandb_run.finish()
     compute_cleanup()
     return history
-
 
 if __name__ == "__main__":
     with usage_errors():  # a flag or checkpoint that cannot work: one line, exit 1

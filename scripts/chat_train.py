@@ -10,22 +10,15 @@ Both continue from a checkpoint of either sync mode and save their own checkpoin
 
 import argparse
 
-import torch
-
-from nanochat import comm
-from nanochat.checkpoint import checkpoint_dir, load_model, restore_training, save_training
-from nanochat.common import (UsageError, autocast_context, autodetect_device_type, compute_cleanup, compute_init,
-                             exit_now, init_wandb, print0, usage_errors)
-from nanochat.dataloader import (conversation_padded_loader, conversation_stream_loader, count_conversation_tokens,
-                                 fresh_loader_state, global_loader_state)
+from nanochat.checkpoint import load_model
+from nanochat.common import UsageError, exit_now, print0, usage_errors
+from nanochat.dataloader import conversation_padded_loader, conversation_stream_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.memory import explain_out_of_memory
-from nanochat.report import get_report
+from nanochat.runner import StageRun, run_config_from_args
 from nanochat.stage import STAGE_NAMES, STAGES
 from nanochat.tokenizer import get_token_bytes
-from nanochat.train_loop import (MetricsLog, add_stage_args, bytes_across_workers, choose_device_batch_size, data_position,
-                                 lr_multiplier, muon_momentum, scale_initial_lrs, set_schedule, train_steps)
-from scripts.sync_choice import sync_lib
+from nanochat.train_loop import add_stage_args, lr_multiplier, muon_momentum, set_schedule
+from scripts.sync_choice import sync_lib, sync_summary
 from tasks.mixtures import training_mixture, validation_task
 
 # How each conversation stage trains (its name, source and report section: nanochat/stage.py)
@@ -76,39 +69,30 @@ def cli(stage):
 def main(stage, argv=None):
     args = parse_args(stage, argv)
     s = TRAINING[stage]
-    device_type = args.device_type or autodetect_device_type()
-    explain_out_of_memory()  # from here on an OOM ends the run with one line saying what to try
-    ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed, timeout_s=args.collective_timeout)
-    master = rank == 0
-    autocast = autocast_context(device_type)
-    wandb_run = init_wandb(args.run, f"nanochat-diloco-{stage}", vars(args), master)
-
-    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-    output_tag = args.output_tag or source_meta["model_tag"]
-    token_bytes = get_token_bytes(device=device)
-    T = args.max_seq_len or model.config.sequence_len
-    largest_B = s["device_batch_size"] or (32 if device_type == "cuda" else 16)
-    B = args.device_batch_size or ("auto" if device_type == "cuda" else largest_B)
-    examples_per_step = args.examples_per_step or (largest_B if B == "auto" else B) * world_size
-    if examples_per_step % world_size:
-        raise UsageError(f"--examples-per-step {examples_per_step} must be a multiple of the {world_size} ranks")
-
     sync_config = sync_lib.sync_config_from_args(args)
-    groups = sync_lib.make_worker_groups(sync_config)
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, process_group=groups.inner)
-    scale_initial_lrs(optimizers, args.init_lr_frac)
-    sync = sync_lib.make_sync(sync_config, model, optimizers, groups)
-    use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    run = StageRun(stage, run_config_from_args(args), sync_lib, sync_config, vars(args), f"nanochat-diloco-{stage}")
+
+    model, tokenizer, source_meta = load_model(args.source, run.device, phase="train", model_tag=args.model_tag,
+                                               step=args.step)
+    token_bytes = get_token_bytes(device=run.device)
+    T = args.max_seq_len or model.config.sequence_len
+    largest_B = s["device_batch_size"] or (32 if run.device_type == "cuda" else 16)
+    B = args.device_batch_size or ("auto" if run.device_type == "cuda" else largest_B)
+    examples_per_step = args.examples_per_step or (largest_B if B == "auto" else B) * run.world_size
+    if examples_per_step % run.world_size:
+        raise UsageError(f"--examples-per-step {examples_per_step} must be a multiple of the {run.world_size} ranks")
+    train_model = run.setup(model, init_lr_frac=args.init_lr_frac, unembedding_lr=args.unembedding_lr,
+                            embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr)
+
+    targets = {}  # of the last micro-batch: an sft batch whose rows all end before their answers has none
 
     def micro_step(x, y):
-        with autocast:  # mean over the batch's targets; an sft batch cut before any answer contributes 0
-            return train_model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
+        targets["tokens"] = (y >= 0).sum()
+        with run.autocast:  # mean over the batch's targets; a batch without any has loss 0 and no gradient
+            return train_model(x, y, loss_reduction="none").sum() / targets["tokens"].clamp(min=1)
 
-    rows_per_rank = examples_per_step // world_size  # the micro-batch divides it: accumulation keeps the total
-    B, grad_accum_steps = choose_device_batch_size(B, largest_B, rows_per_rank, micro_step, model, optimizers, T, device,
-                                                   sync)
+    rows_per_rank = examples_per_step // run.world_size  # the micro-batch divides it: accumulation keeps the total
+    B, grad_accum_steps = run.device_batch(B, largest_B, rows_per_rank, micro_step, T)
     args.device_batch_size = B  # as chosen, for the checkpoint's metadata
 
     mixture, used, missing = training_mixture(stage)
@@ -121,97 +105,38 @@ def main(stage, argv=None):
     if num_iterations < 0:  # an epoch: packed rows of the whole mixture (mid), or its conversations (sft)
         rows = count_conversation_tokens(mixture, tokenizer, T) // T if stage == "mid" else len(mixture)
         num_iterations = max(1, args.num_epochs * rows // examples_per_step)
-    sync.set_total_steps(num_iterations)  # the outer schedule may end differently
     print0(f"{stage} from {args.source}/{source_meta['model_tag']} step {source_meta['step']} | {num_iterations} steps x "
-           f"{examples_per_step} rows of {T} tokens | sync {sync.mode}")
-    ckpt_dir = checkpoint_dir(stage, output_tag)
-    layout = {"world_size": world_size, "workers": groups.num_workers}  # another layout resumes from the shared state
-    start_step, train_seconds, val_bpb = 0, 0.0, float("nan")
-    # under --elastic each worker reads its own slot of the conversations (data_position), as base_train does
-    data_rank, data_world = data_position(sync_config, rank, world_size)
-    loader_state = fresh_loader_state(data_rank, data_world)
-    comm.reset_comm_stats()
-    if args.resume:
-        start_step, meta, extra = restore_training(ckpt_dir, model, optimizers, sync, device, rank, layout)
-        if "loader" not in extra:
-            raise UsageError(f"--resume: {ckpt_dir} predates world-size-independent data positions: run without --resume")
-        loader_state = extra["loader"]
-        train_seconds, val_bpb = meta["train_seconds"], meta["val_bpb"]
-    elif sync_config.elastic is not None:  # a joining worker continues at the step its peers are at (healed from one)
-        start_step = sync.inner_step
-    metrics = MetricsLog(ckpt_dir, wandb_run, master, resumed_at=start_step if args.resume else None)
-
-    def lrm_at(it):  # sft: a linear decay to zero; mid: constant, then the last 20 % decays to zero
-        return 1.0 - it / num_iterations if stage == "sft" else lr_multiplier(it, num_iterations, 0.0, 0.2, 0.0)
+           f"{examples_per_step} rows of {T} tokens | sync {args.sync}")
+    run.start(args.output_tag or source_meta["model_tag"], num_iterations, unit="rows", per_step=examples_per_step)
+    train_loader = s["loader"](mixture, tokenizer, B, T, run.device, run.data_rank, run.data_world,
+                               resume_state=run.loader_state, data_seed=args.data_seed)
 
     def evaluate():
         """bits per byte of the held-out conversations' target tokens (sft: the assistant's only)"""
         model.eval()
-        val_loader = s["loader"](val_task, tokenizer, B, T, device, rank, world_size)
-        with autocast:
+        val_loader = s["loader"](val_task, tokenizer, B, T, run.device, run.rank, run.world_size)
+        with run.autocast:
             bpb = evaluate_bpb(model, val_loader, args.eval_batches, token_bytes)
         model.train()
         return bpb
 
-    state = {"val_bpb": val_bpb, "loader": loader_state, "meta": None, "seconds": train_seconds}
-
-    def save(step):
-        stats = comm.global_comm_stats()
-        meta = {"model_config": vars(model.config), "user_config": vars(args), "stage": stage, "source": args.source,
-                "source_tag": source_meta["model_tag"], "source_step": source_meta["step"], "val_bpb": state["val_bpb"],
-                "rows": step * examples_per_step, "train_seconds": state["seconds"], "sync": sync.mode,
-                "inner_bytes": stats["inner"]["bytes"], "outer_bytes": stats["outer"]["bytes"],
-                "bytes_across_workers": bytes_across_workers(sync, stats), "mixture": used, "missing": missing}
-        save_training(ckpt_dir, step, model, optimizers, sync, meta, rank, extra={"loader": state["loader"]},
-                      shared={"loader": global_loader_state(state["loader"])}, layout=layout)
-        return meta
-
-    def at_checkpoint(step, at):  # on theta_global, every rank
-        if at.eval:
-            state["val_bpb"] = evaluate()
-            print0(f"step {step:05d} | val bpb {state['val_bpb']:.4f}")
-            metrics.log({"step": step, "rows": step * examples_per_step, "val_bpb": state["val_bpb"]}, wandb=False)
-        if at.save:
-            state["meta"] = save(step)
-
-    train_loader = s["loader"](mixture, tokenizer, B, T, device, data_rank, data_world, resume_state=loader_state,
-                               data_seed=args.data_seed)
-
-    def next_batch():
-        x, y, state["loader"] = next(train_loader)
-        return x, y
-
-    def schedule(step):
-        lrm = lrm_at(step)
+    def schedule(step):  # sft: a linear decay to zero; mid: constant, then the last 20 % decays to zero
+        lrm = 1.0 - step / num_iterations if stage == "sft" else lr_multiplier(step, num_iterations, 0.0, 0.2, 0.0)
         # mid restarts Muon from an empty momentum buffer at the full pretraining lr, so it warms the momentum up
         # as base does (and nanochat's mid_train); sft starts at 2 % of that lr and nanochat keeps 0.95 there
-        set_schedule(optimizers, lrm, muon_momentum(step) if stage == "mid" else None)
+        set_schedule(run.optimizers, lrm, muon_momentum(step) if stage == "mid" else None)
         return lrm
 
-    def on_step(step, loss, lrm, dt):
-        state["seconds"] += dt
-        print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {loss.item():.4f} | lrm {lrm:.2f} | "
-               f"epoch {state['loader']['epoch']} | dt {dt * 1000:.0f} ms")
-        metrics.log({"step": step + 1, "loss": loss.item(), "outer_wait_seconds": sync.wait_seconds}, wandb=False)
-        wandb_run.log({"step": step + 1, "loss": loss.item(), "lrm": lrm})
+    def progress(step, loss, lrm, dt):
+        n = targets["tokens"].item()  # a loss of 0 then means no target, not a perfect prediction: say which
+        shown = f"{loss:.4f}" if n else f"- (no target tokens: the rows end before their answers at {T} tokens)"
+        print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {shown} | lrm {lrm:.2f} | "
+               f"epoch {run.loader_state['epoch']} | dt {dt * 1000:.0f} ms")
+        return {"target_tokens": n}
 
-    step, at = train_steps(sync, start_step, num_iterations, grad_accum_steps, micro_step, next_batch, schedule,
-                           device_type=device_type, resumed=args.resume, stop_after=args.stop_after,
-                           eval_every=args.eval_every, save_every=args.save_every, at_checkpoint=at_checkpoint,
-                           on_step=on_step)
-    if not at.last:
-        print0(f"stopped after step {step}: continue with --resume")
-        compute_cleanup()
-        return
-    get_report().log(section=STAGES[stage].section, data=[
-        {"source": f"{args.source}/{source_meta['model_tag']} step {source_meta['step']}", "sync": sync.mode,
-         **({"diloco_h": args.diloco_h, "workers": groups.num_workers} if sync.mode == "diloco" else {})},
-        {name: n for name, n in used}, {"missing offline": ", ".join(missing) or "none"},
-        {"steps": num_iterations, "rows": num_iterations * examples_per_step, "val_bpb": state["val_bpb"],
-         "train_seconds": state["seconds"], "outer_wait_seconds": sync.wait_seconds,
-         "bytes_across_workers": state["meta"]["bytes_across_workers"]},
-    ])
-    peak = f", peak memory allocated {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if device_type == "cuda" else ""
-    print0(f"done: val bpb {state['val_bpb']:.4f}, {state['seconds']:.1f} s{peak}, checkpoint {ckpt_dir}")
-    wandb_run.finish()
-    compute_cleanup()
+    source = {"source": args.source, "source_tag": source_meta["model_tag"], "source_step": source_meta["step"]}
+    step, at = run.train(train_loader, micro_step, grad_accum_steps, schedule, evaluate, progress,
+                         stage_meta=lambda step: {**source, "mixture": used, "missing": missing})
+    run.finish(step, at, [{"source": f"{args.source}/{source_meta['model_tag']} step {source_meta['step']}",
+                           **sync_summary(args, run.groups)},
+                          {name: n for name, n in used}, {"missing offline": ", ".join(missing) or "none"}])

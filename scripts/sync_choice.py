@@ -8,4 +8,12 @@ except ModuleNotFoundError as e:
         raise
     import nanochat.sync as sync_lib
 
-__all__ = ["sync_lib"]
+__all__ = ["sync_lib", "sync_summary"]
+
+
+def sync_summary(args, groups):
+    """A report's sync columns: the mode and, for DiLoCo, the settings that tell its runs apart."""
+    if args.sync != "diloco":
+        return {"sync": args.sync}
+    return {"sync": "diloco", "diloco_h": args.diloco_h, "workers": groups.num_workers, "outer_lr": args.outer_lr,
+            "outer_momentum": args.outer_momentum, "compression": args.outer_compression}

@@ -1,5 +1,5 @@
 """HumanEval: 164 Python functions to complete from signature and docstring, scored by running their unit
-tests in the sandbox (nanochat/execution.py)."""
+tests in the sandbox (nanochat/humaneval_harness.py)."""
 
 import re
 
@@ -40,7 +40,7 @@ class HumanEval(Task):
         return {"messages": messages, "task_id": row["task_id"], "entry_point": row["entry_point"], "test": row["test"]}
 
     def evaluate(self, conversation, assistant_response):
-        from nanochat.execution import check_humaneval
+        from nanochat.humaneval_harness import check_humaneval
         prompt = conversation["messages"][0]["content"]
         problem = {"task_id": conversation["task_id"], "prompt": prompt,
                    "entry_point": conversation["entry_point"], "test": conversation["test"]}
