@@ -22,7 +22,7 @@ from nanochat.report import get_report
 from nanochat.stage import STAGES
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train_loop import (MetricsLog, add_stage_args, bytes_across_workers, choose_device_batch_size, data_position,
-                                 lr_multiplier, muon_momentum, set_schedule, train_steps)
+                                 loop_step, lr_multiplier, muon_momentum, set_schedule, train_steps)
 from scripts.sync_choice import sync_lib
 
 # Presets: "tiny" learns visibly in minutes on 2 CPU cores; "d20" is nanochat's 8xH100 speedrun model.
@@ -153,8 +153,8 @@ def main(argv=None):
         if saved_packing != args.packing:  # a data position counts rows or tokens: it means nothing in the other packing
             raise UsageError(f"{ckpt_dir} was trained with --packing {saved_packing}: resume with --packing {saved_packing}")
         val_bpb, min_val_bpb = meta["val_bpb"], meta["min_val_bpb"]
-    elif sync_config.elastic is not None:  # a joining worker continues at the step its peers are at (healed from one)
-        start_step = sync.inner_step
+    sync.join()  # --elastic: meet the peers now, after the restore, so only a newer live peer overwrites it
+    start_step = loop_step(start_step, sync)  # a healed worker continues at its peers' step
     # the loader's rank and world: under --elastic each worker reads its own slot of the data, whoever else is up
     data_rank, data_world = data_position(sync_config, rank, world_size)
     if sync_config.elastic is not None and not args.resume:
@@ -189,7 +189,9 @@ def main(argv=None):
             print0(f"  sample: {tokenizer.decode(ids[1:] + out)!r}")
         model.train()
 
-    metrics = MetricsLog(ckpt_dir, wandb_run, master, resumed_at=start_step if args.resume else None)
+    # keep the history up to the resume point, or the step an elastic restart joined at
+    joined = args.resume or (sync_config.elastic is not None and start_step > 0)
+    metrics = MetricsLog(ckpt_dir, wandb_run, master, resumed_at=start_step if joined else None)
 
     def comm_figures(stats=None):
         stats = stats or comm.global_comm_stats()
