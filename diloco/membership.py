@@ -10,7 +10,11 @@ the quorum changes, so membership changes only at outer-sync boundaries. One out
   1. start_quorum: wait for the workers arriving at this boundary (a dead one is dropped after the
      Lighthouse's heartbeat timeout). A worker behind the others (a fresh joiner, a restart) is healed there:
      it receives theta_global, the outer optimizer state and the step counters from a live peer over HTTP,
-     its own weights become theta_global and it contributes nothing to this round (weight 0).
+     its own weights become theta_global and it contributes nothing to this round (weight 0). "Behind" is
+     torchft's rule: a step below the quorum's highest. The step each worker reports is its inner step, not
+     torchft's own count of committed exchanges: a site restored from a checkpoint saved after round r has the
+     same count as a live peer now at round r + 1 (that round is not committed yet), so torchft would not heal
+     it and the two would go on a round apart, averaging as if in step.
   2. all-reduce sum over the quorum of [w * delta, w, hashes], w = inner steps this worker completed since its
      last outer step; the mean pseudo-gradient is sum(w delta) / sum(w). hashes: each worker's 64-bit hash of
      its theta_global in its own slot, so every worker checks that all hold the same; one that differs is
@@ -159,6 +163,7 @@ class TorchftMembership:
         self.rates = []  # bytes/s of the last chunks exchanged with a peer (the link rate, measured)
         self.mismatches = 0  # outer syncs at which the workers' theta_global differed (each healed)
         self.last_workers, self.last_mismatch = 0, False  # of the last exchange: was a heal likely in this one?
+        self.behind = False  # this worker's theta_global differed from the quorum's: report a lower step, to be healed
 
         def load(state):
             load_fn(state)
@@ -181,24 +186,18 @@ class TorchftMembership:
     def workers(self):
         return self.manager.num_participants()
 
-    def state_dict(self):
-        """torchft's outer-step counter: saved with a checkpoint, so a resumed worker is healed only by a newer peer."""
-        return self.manager.state_dict()
-
-    def load_state_dict(self, state):
-        self.manager.load_state_dict(state)
-
-    def weighted_mean(self, contribution, checksum):
+    def weighted_mean(self, contribution, checksum, step):
         """contribution() -> (this worker's flat fp32 pseudo-gradient, its weight); checksum() -> 64-bit hash of this
-        rank's theta_global; both called after any healing. Returns the weighted mean over the workers present,
-        identical on all of them (None: nothing to apply).
+        rank's theta_global; both called after any healing. step() -> this worker's inner step (healing moves it).
+        Returns the weighted mean over the workers present, identical on all of them (None: nothing to apply).
 
         The hashes ride in the same all-reduce (4 fp32 fields per worker, each worker its own slot): every worker
         sees all of them, and one whose theta_global differs from the most common one (ties: the lowest rank's)
-        marks itself one step behind, so the next quorum heals it from a peer; the round is then exchanged again.
-        Workers never go on from different theta_global."""
+        reports itself one step behind at the next quorum, which heals it from a peer; the round is then exchanged
+        again. Workers never go on from different theta_global."""
         for attempt in range(self.max_retries):
-            self._start_quorum()  # blocks for the quorum; heals this worker if it is behind
+            self._start_quorum(step() - self.behind)  # blocks for the quorum; heals this worker if it is behind
+            self.behind = False
             delta, weight = contribution()
             if self.healed:
                 delta, weight, self.healed = torch.zeros_like(delta), 0, False
@@ -225,9 +224,7 @@ class TorchftMembership:
             logger.warning(f"outer sync {self.manager.current_step()}: theta_global differs between the workers "
                            f"({sum(h != reference for h in seen)} of {k}); "
                            + ("this worker is healed from a peer" if seen[me] != reference else "healing the other"))
-            if seen[me] != reference:  # one step behind the quorum: the next one heals this worker
-                self.manager.load_state_dict({"step": self.manager.current_step() - 1,
-                                              "batches_committed": self.manager.batches_committed()})
+            self.behind = seen[me] != reference  # then the next quorum heals this worker
         raise ElasticError(f"the outer exchange failed {self.max_retries} times in a row (--max-outer-retries): "
                            f"check that at least --min-workers workers are up and reach the Lighthouse "
                            f"{self.lighthouse}, then restart each site with its command plus --resume")
@@ -274,10 +271,12 @@ class TorchftMembership:
             return self.timeout_s
         return min(self.timeout_s, (self.peer_timeout_s + 2 * bytes_in_flight / rate) * 2 ** attempt)
 
-    def _start_quorum(self):
-        """manager.start_quorum(). While the Lighthouse does not answer, torchft's manager server asks it again about
-        once a second (quorum_retries) until --collective-timeout, reconnecting each time, so a Lighthouse
+    def _start_quorum(self, step):
+        """manager.start_quorum() at inner step `step`: torchft heals the workers whose step is below the quorum's
+        highest (module docstring, 1.). While the Lighthouse does not answer, torchft's manager server asks it again
+        about once a second (quorum_retries) until --collective-timeout, reconnecting each time, so a Lighthouse
         restarted within that time is picked up; past it the run stops with one line saying how to resume."""
+        self.manager.load_state_dict({"step": step, "batches_committed": self.manager.batches_committed()})
         t0 = time.monotonic()
         try:
             self.manager.start_quorum()
@@ -295,15 +294,16 @@ class TorchftMembership:
 
 class ElasticCodec:
     """Stands in for the codec of the one fragment under --elastic: fp32 values through the torchft exchange,
-    weighted by the inner steps this worker completed (weight_fn), with a hash of theta_global (checksum_fn)."""
+    weighted by the inner steps this worker completed (weight_fn), with a hash of theta_global (checksum_fn), at the
+    worker's inner step (step_fn)."""
 
     name = "none"
 
-    def __init__(self, membership, weight_fn, checksum_fn):
-        self.membership, self.weight_fn, self.checksum_fn = membership, weight_fn, checksum_fn
+    def __init__(self, membership, weight_fn, checksum_fn, step_fn):
+        self.membership, self.weight_fn, self.checksum_fn, self.step_fn = membership, weight_fn, checksum_fn, step_fn
 
     def exchange(self, flat, group):
-        return self.membership.weighted_mean(lambda: (flat, self.weight_fn()), self.checksum_fn)
+        return self.membership.weighted_mean(lambda: (flat, self.weight_fn()), self.checksum_fn, self.step_fn)
 
     def state_dict(self):
         return {"codec": self.name}

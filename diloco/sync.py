@@ -282,7 +282,8 @@ class DiLoCoSync:
         if membership_factory is not None:
             self.membership = membership_factory(self._heal_state, self._heal)
             self.fragments[0].codec = ElasticCodec(self.membership, lambda: self.inner_step - self.last_launch[0],
-                                                   lambda: theta_checksum(self.fragments[0].theta))
+                                                   lambda: theta_checksum(self.fragments[0].theta),
+                                                   lambda: self.inner_step)
         self.joined = self.membership is None
 
     def join(self):
@@ -478,14 +479,7 @@ class DiLoCoSync:
                 "inner_step": self.inner_step, "last_launch": list(self.last_launch),
                 "last_applied": list(self.last_applied), "pending": pending,
                 "num_syncs": self.num_syncs, "wait_seconds": self.wait_seconds,
-                "local_weights": [t.detach().cpu().clone() for t in local], **self._torchft_state()}
-
-    def _torchft_state(self):
-        return {"torchft": self.membership.state_dict()} if self.membership is not None else {}
-
-    def _load_torchft_state(self, state):
-        if self.membership is not None and "torchft" in state:
-            self.membership.load_state_dict(state["torchft"])
+                "local_weights": [t.detach().cpu().clone() for t in local]}
 
     def _piece_names(self):
         """(parameter name, first row, end row) of every piece of every fragment, in order."""
@@ -542,7 +536,7 @@ class DiLoCoSync:
         return {"mode": "diloco", "h": self.h, "fragments": len(self.fragments), "theta_global": theta_global,
                 "outer_state": outer_state, "outer_scalars": scalars, "inner_step": self.inner_step,
                 "last_launch": list(self.last_launch), "last_applied": list(self.last_applied),
-                "num_syncs": self.num_syncs, **self._torchft_state()}
+                "num_syncs": self.num_syncs}
 
     def load_portable_state_dict(self, state):
         """Continue from a portable state (any number of workers and ranks): theta_global and the outer
@@ -576,7 +570,6 @@ class DiLoCoSync:
                         self.outer_optimizer.state[theta] = entry
         self._load_counters(state)
         self.num_syncs, self.pending = state["num_syncs"], {}
-        self._load_torchft_state(state)
 
     def load_state_dict(self, state):
         """Restore a DiLoCo state; a DDP checkpoint (or none) starts the outer loop fresh from the weights."""
@@ -599,7 +592,6 @@ class DiLoCoSync:
             frag.codec.load_state_dict(codec_state)
         self._load_counters(state)
         self.num_syncs, self.wait_seconds = state["num_syncs"], state["wait_seconds"]
-        self._load_torchft_state(state)
         self.pending = {}
         for f, saved in state["pending"].items():
             future = Future()

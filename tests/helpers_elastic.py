@@ -9,10 +9,11 @@ all-reduce of the sync at inner step S: the test sends SIGCONT), --fork (after t
 by one ulp: a site that silently went another way). --hold S:GATE waits at step S until OUT_DIR/GATE exists
 (S:GATE:together: at the first step from S on right after an outer sync with a peer), writing OUT_DIR/holding_GATE;
 --release GATE creates OUT_DIR/GATE just before joining, --wait-for GATE
-waits for it there. It writes OUT_DIR/TAG.pt after every outer sync:
-records (wall time, loop step, sync step, workers, theta hash), and at the end the final theta_global."""
+waits for it there; --start-after GATE waits for it before anything else. It writes OUT_DIR/TAG.pt after every outer sync:
+records (wall time, loop step, sync step, workers, theta_global), and at the end the final theta_global."""
 
 import argparse
+import importlib
 import os
 import signal
 import time
@@ -21,12 +22,12 @@ import torch
 import torch.nn as nn
 
 from diloco import make_sync
-from diloco.membership import theta_checksum
 from diloco.sync import WorkerGroups
 from nanochat.train_loop import loop_step
 from tests.test_diloco import GroupSGD, sync_args, toy_batch, toy_model
 
 H, SAVE, STEPS = 2, 4, 60
+COLLECTIVE_TIMEOUT = 8  # seconds: also how long a lost Lighthouse is asked again before the site stops
 
 
 def atomic_save(obj, path):
@@ -47,11 +48,16 @@ def main():
     parser.add_argument("--release", default="")
     parser.add_argument("--wait-for", default="")
     parser.add_argument("--tag", default="", help="name of the record file (default: the site's name)")
+    parser.add_argument("--start-after", default="", help="wait for OUT_DIR/GATE before anything (started early, so "
+                                                          "that its imports overlap the run)")
     a = parser.parse_args()
+    importlib.import_module("torchft.manager")  # before --start-after: with torch, the slow part of starting a site
+    while a.start_after and not os.path.exists(os.path.join(a.out, a.start_after)):
+        time.sleep(0.01)
     torch.set_num_threads(1)
     model = toy_model()
     args = sync_args("--sync", "diloco", "--diloco-h", str(H), "--outer-lr", "0.7", "--elastic", "torchft",
-                     "--lighthouse", a.lighthouse, "--replica-id", a.name, "--collective-timeout", "15",
+                     "--lighthouse", a.lighthouse, "--replica-id", a.name, "--collective-timeout", str(COLLECTIVE_TIMEOUT),
                      "--peer-timeout", "2")
     sync = make_sync(args, model, [GroupSGD(model.parameters(), 0.1)], WorkerGroups(1, 1, 0, 0, None, None))
     ckpt, log = os.path.join(a.out, f"{a.name}.ckpt"), os.path.join(a.out, f"{a.tag or a.name}.pt")
@@ -85,8 +91,8 @@ def main():
     records, syncs = [], sync.num_syncs
 
     def record():
-        theta = [t for t in sync.fragments[0].theta]
-        records.append((time.time(), step, sync.inner_step, sync.membership.workers(), theta_checksum(theta)))
+        theta = torch.cat([t.reshape(-1) for t in sync.fragments[0].theta]).clone()
+        records.append((time.time(), step, sync.inner_step, sync.membership.workers(), theta))
         atomic_save({"restored": restored, "joined": joined, "records": records,
                      "mismatches": sync.membership.mismatches}, log)
 
