@@ -24,7 +24,7 @@ from nanochat.report import get_report
 from nanochat.stage import STAGE_NAMES, STAGES
 from nanochat.tokenizer import get_token_bytes
 from nanochat.train_loop import (MetricsLog, add_stage_args, bytes_across_workers, choose_device_batch_size, data_position,
-                                 lr_multiplier, muon_momentum, scale_initial_lrs, set_schedule, train_steps)
+                                 loop_step, lr_multiplier, muon_momentum, scale_initial_lrs, set_schedule, train_steps)
 from scripts.sync_choice import sync_lib
 from tasks.mixtures import training_mixture, validation_task
 
@@ -137,9 +137,11 @@ def main(stage, argv=None):
             raise UsageError(f"--resume: {ckpt_dir} predates world-size-independent data positions: run without --resume")
         loader_state = extra["loader"]
         train_seconds, val_bpb = meta["train_seconds"], meta["val_bpb"]
-    elif sync_config.elastic is not None:  # a joining worker continues at the step its peers are at (healed from one)
-        start_step = sync.inner_step
-    metrics = MetricsLog(ckpt_dir, wandb_run, master, resumed_at=start_step if args.resume else None)
+    sync.join()  # --elastic: meet the peers now, after the restore, so only a newer live peer overwrites it
+    start_step = loop_step(start_step, sync)  # a healed worker continues at its peers' step
+    # keep the history up to the resume point, or the step an elastic restart joined at
+    joined = args.resume or (sync_config.elastic is not None and start_step > 0)
+    metrics = MetricsLog(ckpt_dir, wandb_run, master, resumed_at=start_step if joined else None)
 
     def lrm_at(it):  # sft: a linear decay to zero; mid: constant, then the last 20 % decays to zero
         return 1.0 - it / num_iterations if stage == "sft" else lr_multiplier(it, num_iterations, 0.0, 0.2, 0.0)
