@@ -119,7 +119,7 @@ def test_equal_theta_gives_the_weighted_mean_and_the_hashes_are_counted_as_outer
     m = _membership(0, _PeerGroup(peer, 3, [h], rank=1))
     before = comm.comm_stats().get("outer", {}).get("bytes", 0)
     mean = m.weighted_mean(lambda: (mine, 1), lambda: h, lambda: 10)
-    torch.testing.assert_close(mean, (mine * 1 + peer * 3) / 4)
+    assert torch.allclose(mean, (mine * 1 + peer * 3) / 4, rtol=1e-6, atol=0)
     # ring all-reduce of k = 2: 2 (k-1)/k of [10 values, weight, 2 x 4 hash fields], fp32
     assert comm.comm_stats()["outer"]["bytes"] - before == (10 + 1 + 8) * 4
     assert m.mismatches == 0
@@ -145,7 +145,7 @@ def test_differing_theta_heals_the_worker_off_the_reference_and_exchanges_again(
     ours, theirs = 111, 222
     m = _membership(rank, _PeerGroup(peer, 2, [theirs, ours], rank=1 - rank))
     mean = m.weighted_mean(lambda: (mine, 2), lambda: ours, lambda: 8)
-    torch.testing.assert_close(mean, (mine + peer) / 2)
+    assert torch.allclose(mean, (mine + peer) / 2, rtol=1e-6, atol=0)
     assert m.mismatches == 1
     assert m.manager.quorum_steps == ([8, 7] if rank == 1 else [8, 8]) and not m.behind
 
@@ -160,7 +160,8 @@ def test_a_long_exchange_is_sent_in_chunks_each_with_a_deadline_scaled_to_its_by
     m = _membership(0, group)
     m.min_chunk, m.rates = 1, [64.0]
     for _ in range(2):
-        torch.testing.assert_close(m.weighted_mean(lambda: (mine, 1), lambda: h, lambda: 2), (mine + peer) / 2)
+        mean = m.weighted_mean(lambda: (mine, 1), lambda: h, lambda: 2)
+        assert torch.allclose(mean, (mine + peer) / 2, rtol=1e-6, atol=0)
     # 19 values (10 + weight + 2 x 4 hash fields) in chunks of 8, 8, 3; ring all-reduce of 2: 4 bytes a value on the wire
     assert group.deadlines == [1 + 2 * (32 + 80) / 64, 1 + 2 * 32 / 64, 1 + 2 * 12 / 64,
                                1 + 2 * 32 / 64, 1 + 2 * 32 / 64, 1 + 2 * 12 / 64]
