@@ -246,14 +246,14 @@ def fault_run(tmp_path_factory):
         site("w0", "w0", "--hold", "20:w1_continued", "--hold", "26:lh_down:together", "--hold", "33:w1_back",
              "--hold", "44:lh_lost:together", "--release", "up0", "--wait-for", "up1")
         site("w1", "w1", "--pause-at", "10", "--kill-at", "33", "--release", "up1", "--wait-for", "up0")
+        # the sites of cases 3 and 4 start now too, each waiting for its gate: their imports overlap the run
+        site("w1b", "w1", "--start-after", "w1_dead", "--resume", "--release", "w1_back")
+        site("w0c", "w0", "--start-after", "resume", "--resume", "--release", "again0", "--wait-for", "again1")
+        site("w1c", "w1", "--start-after", "resume", "--resume", "--fork", "--release", "again1", "--wait-for", "again0")
         # 1. w1 stops itself inside the exchange at step 10; w0 goes on alone and waits at step 20
         _wait(lambda: procs["w1"].poll() is not None or _paused(procs["w1"]), deadline, "w1 to stop in the exchange")
         assert procs["w1"].poll() is None, open(file("w1.log")).read()[-3000:]
         events["w1 paused"] = time.time()
-        # the sites of cases 3 and 4 start now, each waiting for its gate: their imports overlap the waits
-        site("w1b", "w1", "--start-after", "w1_dead", "--resume", "--release", "w1_back")
-        site("w0c", "w0", "--start-after", "resume", "--resume", "--release", "again0", "--wait-for", "again1")
-        site("w1c", "w1", "--start-after", "resume", "--resume", "--fork", "--release", "again1", "--wait-for", "again0")
         _wait(lambda: holding("w1_continued"), deadline, "w0 to go on alone to step 20")
         asked = _requests(file("lighthouse1.log"), "w1")
         os.kill(procs["w1"].pid, signal.SIGCONT)
