@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 from diloco.codecs import CODECS, CodecConfig, add_codec_args, codec_config_from_args, make_codec
 from diloco.fragments import Fragment, Pending, split_into_fragments
-from diloco.membership import ElasticCodec, TorchftMembership, add_membership_args, data_slot
+from diloco.membership import ElasticCodec, TorchftMembership, add_membership_args, data_slot, theta_checksum
 from nanochat import comm
 from nanochat.common import UsageError, collective_timeout, get_dist_info
 from nanochat.sync import DDPSync, WorkerGroups, broadcast_parameters, ddp_worker_groups
@@ -73,12 +73,18 @@ class ElasticConfig:
         max_workers: most workers a run may have; worker n reads data slot n of this many.
         min_workers: an outer step needs this many workers present.
         max_outer_retries: an outer exchange that fails this many times in a row stops the run.
+        peer_timeout: seconds of no progress after which a peer inside an exchange is taken for dead (each
+            chunk of the outer all-reduce gets this plus twice its transfer time at the measured link rate).
+        link_mbps: the link rate between sites in Mbit/s before one is measured (0: unknown; the first
+            exchange may then wait up to the collective timeout).
     """
     lighthouse: str = ""
     replica_id: str = ""
     max_workers: int = 8
     min_workers: int = 1
     max_outer_retries: int = 10
+    peer_timeout: float = 10.0
+    link_mbps: float = 0.0
 
     def data_slot(self):
         """(slot, slots): this worker reads slot `slot` of the data cut into `slots` disjoint shares."""
@@ -168,7 +174,8 @@ def sync_config_from_args(args):
     elastic = None
     if args.elastic == "torchft":
         elastic = ElasticConfig(lighthouse=args.lighthouse, replica_id=args.replica_id, max_workers=args.max_workers,
-                                min_workers=args.min_workers, max_outer_retries=args.max_outer_retries)
+                                min_workers=args.min_workers, max_outer_retries=args.max_outer_retries,
+                                peer_timeout=args.peer_timeout, link_mbps=args.link_mbps)
     return SyncConfig(mode=args.sync, h=args.diloco_h, workers=args.diloco_workers, outer_lr=args.outer_lr,
                       outer_momentum=args.outer_momentum, outer_nesterov=bool(args.outer_nesterov),
                       outer_lr_warmup=args.outer_lr_warmup, outer_final_average=bool(args.outer_final_average),
@@ -274,8 +281,23 @@ class DiLoCoSync:
         self.membership = None
         if membership_factory is not None:
             self.membership = membership_factory(self._heal_state, self._heal)
-            self.fragments[0].codec = ElasticCodec(self.membership, lambda: self.inner_step - self.last_launch[0])
-            self.outer_step()  # join: wait for the others' next outer sync, healed from a live peer if behind
+            self.fragments[0].codec = ElasticCodec(self.membership, lambda: self.inner_step - self.last_launch[0],
+                                                   lambda: theta_checksum(self.fragments[0].theta),
+                                                   lambda: self.inner_step)
+        self.joined = self.membership is None
+
+    def join(self):
+        """--elastic: meet the other workers at their next outer sync, healed from a live peer if it is ahead.
+        Call after restoring a checkpoint (then only a newer peer overwrites it); the first step() joins otherwise."""
+        if not self.joined:
+            self.joined = True
+            self.outer_step()
+
+    @property
+    def owned_step(self):
+        """The step the run is at when this sync object decides it (--elastic: a heal at any outer sync moves this
+        worker to its peers' step, and the loop's schedule, checkpoints and stop follow); None otherwise."""
+        return self.inner_step if self.membership is not None else None
 
     def _heal_state(self):
         """What a joining worker is healed with (torchft sends it from a live peer at the quorum)."""
@@ -302,6 +324,7 @@ class DiLoCoSync:
         self.last_applied = list(state.get("last_applied", state["last_launch"]))
 
     def step(self):
+        self.join()
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
@@ -609,4 +632,5 @@ def _torchft_membership(config, state_fn, load_fn, model):
         store_addr, store_port = "127.0.0.1", store.port
     return TorchftMembership(state_fn, load_fn, elastic.replica_id, lighthouse, elastic.min_workers,
                              config.collective_timeout, next(model.parameters()).device, elastic.max_outer_retries,
-                             rank=rank, world_size=world_size, store_addr=store_addr, store_port=store_port)
+                             rank=rank, world_size=world_size, store_addr=store_addr, store_port=store_port,
+                             peer_timeout_s=elastic.peer_timeout, link_mbps=elastic.link_mbps)

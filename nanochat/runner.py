@@ -32,7 +32,7 @@ from nanochat.memory import explain_out_of_memory
 from nanochat.report import get_report
 from nanochat.stage import check_stage
 from nanochat.train_loop import (MetricsLog, bytes_across_workers, choose_device_batch_size, data_position,
-                                 scale_initial_lrs, train_steps)
+                                 loop_step, scale_initial_lrs, train_steps)
 
 
 @dataclass
@@ -108,8 +108,8 @@ class StageRun:
                                         seq_len, self.device, self.sync)
 
     def start(self, tag, num_steps, unit, per_step):
-        """Resume from the stage's last checkpoint of `tag` (--resume) or start fresh: an --elastic joiner at the
-        step its peers are at, reading its own slot of the data. `unit` names what a step trains on ("tokens",
+        """Resume from the stage's last checkpoint of `tag` (--resume) or start fresh, then (--elastic) meet the peers:
+        a worker behind a live peer is healed and continues at its step, reading its own slot of the data. `unit` names what a step trains on ("tokens",
         "rows"), per_step how many over all ranks. -> the resumed checkpoint's meta, or None."""
         self.num_steps, self.unit, self.per_step = num_steps, unit, per_step
         self.sync.set_total_steps(num_steps)  # the outer schedule may end differently
@@ -125,10 +125,12 @@ class StageRun:
                                  f"without --resume")
             self.loader_state, self.seconds, self.val_bpb = extra["loader"], meta["train_seconds"], meta["val_bpb"]
             self.min_val_bpb = meta.get("min_val_bpb", float("nan"))
-        elif self.sync_config.elastic is not None:  # a joining worker continues where its peers are (healed from one)
-            self.start_step = self.sync.inner_step
+        self.sync.join()  # --elastic: meet the peers now, after the restore, so only a newer live peer overwrites it
+        self.start_step = loop_step(self.start_step, self.sync)  # a healed worker continues at its peers' step
+        # keep the history up to the resume point, or the step an elastic restart joined at
+        joined = self.config.resume or (self.sync_config.elastic is not None and self.start_step > 0)
         self.metrics = MetricsLog(self.ckpt_dir, self.wandb_run, self.master,
-                                  resumed_at=self.start_step if self.config.resume else None)
+                                  resumed_at=self.start_step if joined else None)
         return meta
 
     def train(self, loader, micro_step, grad_accum_steps, schedule, evaluate, progress, sample=None, stage_meta=None):

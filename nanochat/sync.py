@@ -33,6 +33,10 @@ class Sync(Protocol):
     across_workers: str  # comm label of the traffic between workers: "inner" (DDP) or "outer" (DiLoCo)
     inner_step: int  # optimizer steps in the outer schedule (an --elastic joiner starts where its peers are)
     wait_seconds: float  # time the training loop was blocked on exchanges beyond the per-step all-reduce
+    owned_step: int | None  # the step the loop must continue at (elastic DiLoCo after a heal), None: the loop's own
+
+    def join(self) -> None:
+        """Meet the peers (elastic: after any resume, so only a newer live peer overwrites the restored state)."""
 
     def step(self) -> None:
         """Step the inner optimizers (gradients already averaged over groups.inner) and zero the gradients."""
@@ -104,6 +108,10 @@ class DDPSync:
     across_workers = "inner"  # every step's gradient all-reduce crosses between workers
     inner_step = 0  # no outer schedule
     wait_seconds = 0.0  # the gradient all-reduce is counted by comm, per step
+    owned_step = None  # the training loop counts the steps
+
+    def join(self):
+        pass  # a fixed set of ranks
 
     def __init__(self, model, optimizers, groups):
         self.model, self.optimizers, self.groups = model, optimizers, groups

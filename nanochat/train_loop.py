@@ -66,9 +66,10 @@ def set_schedule(optimizers, lrm, momentum=None, wd_frac=None):
 def plan(step, num_steps, resumed_at=None, stop_after=-1, eval_every=0, sample_every=0, save_every=0):
     """What to do before optimizer step `step` (num_steps: after the last one): eval, sample, save, stop.
     Evals may run at step 0, samples and periodic saves after some training; the last step does all three
-    and --stop-after saves. The step a run resumed at did its eval, sample and save before it stopped."""
-    last = step == num_steps
-    stop = last or step == stop_after
+    and --stop-after saves. The step a run resumed at did its eval, sample and save before it stopped. A step
+    past num_steps or stop_after (the sync object moved the run there, see loop_step) stops too."""
+    last = step >= num_steps
+    stop = last or (stop_after >= 0 and step >= stop_after)
     if step == resumed_at:
         return SimpleNamespace(last=last, stop=stop, eval=False, sample=False, save=False)
     due = lambda every: every > 0 and step % every == 0
@@ -85,6 +86,15 @@ def on_theta_global(sync, last):
         sync.synchronize()
     with sync.global_view():
         yield
+
+
+def loop_step(step, sync):
+    """The step the loop is at: `step`, unless the sync object owns the count (sync.owned_step not None). Elastic
+    DiLoCo does: a worker healed from a live peer, at its join or at any later outer sync, continues at the
+    peer's step, and the lr schedule, checkpoint numbering and stop point must follow it. Call after joining and
+    after every sync.step(): step = loop_step(step + 1, sync)."""
+    owned = getattr(sync, "owned_step", None)
+    return step if owned is None else owned
 
 
 def metrics_until(path, step):
@@ -166,9 +176,10 @@ def train_steps(sync, start_step, num_steps, grad_accum_steps, micro_step, next_
     of micro_step(*next_batch()) (the loss divided by grad_accum_steps is backpropagated), or, for a stage that makes
     its data inside the step (chat_rl's rollouts), backward(step) -> loss, having accumulated the gradients itself;
     then schedule(step) -> lr multiplier (it sets the optimizers' lrs), sync.step(); then on_step(step, loss, lrm,
-    dt), dt the step's seconds (device synchronised). -> (the last step reached, its plan)"""
+    dt), dt the step's seconds (device synchronised). The step comes from the sync object after every sync
+    (loop_step: a healed elastic worker continues at its peers' step). -> (the last step reached, its plan)"""
     step, at = start_step, None
-    for step in range(start_step, num_steps + 1):
+    while True:
         at = plan(step, num_steps, resumed_at=start_step if resumed else None, stop_after=stop_after,
                   eval_every=eval_every, sample_every=sample_every, save_every=save_every)
         if at.eval or at.sample or at.save:
@@ -188,4 +199,5 @@ def train_steps(sync, start_step, num_steps, grad_accum_steps, micro_step, next_
         sync.step()
         device_synchronize(device_type)
         on_step(step, loss, lrm, time.time() - t0)
+        step = loop_step(step + 1, sync)
     return step, at

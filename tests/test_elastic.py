@@ -30,6 +30,7 @@ def _worker(name, lighthouse, out_dir, role):
                      "--lighthouse", lighthouse, "--replica-id", name, "--collective-timeout", "10")
     groups = WorkerGroups(1, 1, 0, 0, None, None)
     sync = make_sync(args, model, [GroupSGD(model.parameters(), 0.1)], groups)
+    sync.join()
     joined_at, records, rejoined_at, met_peer_at = sync.inner_step, [], None, None
     deadline = time.time() + 280  # generous: a loaded machine may take a minute to spawn the joiner
     while time.time() < deadline:
