@@ -19,10 +19,13 @@ A change is kept when it lowers the mean val bpb by more than two standard error
 noise) and costs at most 3 % tokens/s. Results are cached per run (--fresh to redo) in
 ~/.cache/nanochat/bench/model/<shape>_rows/ with a markdown table written next to them.
 
-nanochat's arm (its gpt.py and optim.py imported from the checkout, never copied): GPTConfig of the same
-shape (its default window pattern), setup_optimizer with our tiny preset's learning rates, its schedules as
-its base_train writes them (warmdown 0.65 to 0.05, Muon momentum 0.85 -> 0.97 -> 0.90, weight decay 0.28
-decaying as a cosine), no warmup (as ours), eager (TORCHDYNAMO_DISABLE=1: no compile on either side).
+nanochat's arms (its gpt.py and optim.py imported from the checkout, never copied): GPTConfig of the same shape
+(its default window pattern), eager (TORCHDYNAMO_DISABLE=1: no compile on either side), under one of three
+schedules (NANOCHAT_ARMS below). `nanochat` is the one its own base_train computes at this shape and batch;
+`--variants base,all,nanochat --keep qk,init,normuon,cwd` sets our defaults against it:
+
+    python -m bench.bench_model --nanochat ~/src/nanochat --variants base,all,nanochat,nanochat_tinylr,nanochat_oursched \
+        --keep qk,init,normuon,cwd
 """
 
 import argparse
@@ -102,21 +105,22 @@ def run_one(job):
         raise SystemExit(f"cached batches hold too few rows for seed {seed}: rerun with --fresh")
     vocab = data["vocab_size"]
     torch.manual_seed(1000 + seed)
-    if job["variant"] == "nanochat":
+    if job["variant"] in NANOCHAT_ARMS:
         model, opts, set_sched = build_nanochat(job, shape, vocab, steps)
     else:
         model, opts, set_sched = build_ours(job, shape, vocab, steps)
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for step in range(steps):
         set_sched(step)
         rows = train[step * per_step:(step + 1) * per_step]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = model(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
         loss.backward()
         for opt in opts:
             opt.step()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)  # one thread: a step's seconds on a core of its own
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             break
@@ -124,6 +128,7 @@ def run_one(job):
     val = data["val"].long()
     bpb = bits_per_byte(model, val[:, :, :-1].contiguous(), val[:, :, 1:].contiguous(), data["token_bytes"])
     return dict(bpb=bpb, step_s=statistics.median(times[2:]) if len(times) > 2 else times[-1],
+                cpu_step_s=statistics.median(cpu_times[2:]) if len(cpu_times) > 2 else cpu_times[-1],
                 final_loss=losses[-1], losses=losses, rss_mib=peak_rss_mib())
 
 
@@ -158,36 +163,96 @@ def build_ours(job, shape, vocab, steps):
     return model, opts, set_sched
 
 
-def build_nanochat(job, shape, vocab, steps):
-    """karpathy/nanochat's model and optimizer from a checkout (its package shadows ours in this process)."""
-    sys.path.insert(0, job["nanochat"])
-    from nanochat.gpt import GPT, GPTConfig  # theirs
-    width = shape["width"]
-    cfg = GPTConfig(sequence_len=SEQ, vocab_size=vocab, n_layer=shape["depth"], n_head=width // shape["head_dim"],
-                    n_kv_head=width // shape["head_dim"], n_embd=width)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    opt = model.setup_optimizer(**LRS, scalar_lr=0.5, weight_decay=NANOCHAT_WD)
-    warmdown = round(0.65 * steps)
+# nanochat's arms: its model and optimizer under three schedules. "nanochat" is what its scripts/base_train.py
+# (92d63d4) computes for this shape and batch from its default flags (depth, --aspect-ratio, --head-dim,
+# --max-seq-len 256, --total-batch-size 8192, --num-iterations): learning rates x sqrt(B / 2^19), Muon weight decay
+# x sqrt(B / 2^19) x D_ref / D (D: 12 tokens per scaling parameter, D_ref the same for its depth-12 reference
+# model), 40 warmup steps, warmdown over the last 65 % to 0.05, Muon momentum 0.85 -> 0.97 over 400 steps (falling
+# to 0.90 over the warmdown only after step 400), weight decay a cosine to zero. "nanochat_tinylr" is this bench's
+# arm until 2026-12-07: our tiny preset's learning rates, weight decay 0.28 and scalar lr 0.5 unscaled, no warmup,
+# its warmdown, momentum falling to 0.90 over the warmdown from the start. "nanochat_oursched" runs our base_train's
+# schedule (our learning rates, warmdown over the last 20 % to 0, momentum 0.85 -> 0.95 over 300 steps, weight
+# decay 0.28 as a cosine): model and optimizer alone, on our schedule.
+NANOCHAT_ARMS = {"nanochat": "karpathy/nanochat main, its own base_train schedule at this shape and batch",
+                 "nanochat_tinylr": "nanochat main, our lrs, its schedule unscaled (the bench's arm to 2026-12-07)",
+                 "nanochat_oursched": "nanochat main on our base_train's schedule and lrs"}
+NANOCHAT_REF = dict(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, weight_decay=0.28,
+                    warmup_steps=40, warmdown=0.65, final_lr=0.05, batch=2 ** 19, depth=12, data_ratio=12)
 
-    def set_sched(step):  # as its scripts/base_train.py, with no warmup
-        if step <= steps - warmdown:
+
+def nanochat_schedule(arm, model_of_depth, depth, steps, ours):
+    """(setup_optimizer kwargs, step -> (lr multiplier, Muon momentum, Muon weight decay)) for a nanochat arm.
+    model_of_depth(d): its GPT of depth d on the meta device (parameter counts for the scaling rules);
+    ours: our (lr_multiplier, muon_momentum)."""
+    ref = NANOCHAT_REF
+    if arm == "nanochat":
+        scaling = lambda m: m.num_scaling_params()["transformer_matrices"] + m.num_scaling_params()["lm_head"]
+        tokens = int(ref["data_ratio"] * scaling(model_of_depth(depth)))  # its compute-optimal horizon, as it rounds it
+        ref_tokens = ref["data_ratio"] * scaling(model_of_depth(ref["depth"]))
+        lr_scale = (BATCH_TOKENS / ref["batch"]) ** 0.5
+        kwargs = {k: ref[k] * lr_scale for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")}
+        kwargs["weight_decay"] = ref["weight_decay"] * lr_scale * ref_tokens / tokens
+        warmup, warmdown = ref["warmup_steps"], round(ref["warmdown"] * steps)
+        momentum_falls_from = 400  # its momentum warms up over 400 steps before the warmdown may lower it
+    elif arm == "nanochat_tinylr":
+        kwargs = dict(**LRS, scalar_lr=ref["scalar_lr"], weight_decay=ref["weight_decay"])
+        warmup, warmdown, momentum_falls_from = 0, round(ref["warmdown"] * steps), 0
+    elif arm == "nanochat_oursched":
+        lr_multiplier, muon_momentum = ours
+        kwargs = dict(**LRS, scalar_lr=ref["scalar_lr"], weight_decay=ref["weight_decay"])
+        return kwargs, lambda step: (lr_multiplier(step, steps), muon_momentum(step),
+                                     kwargs["weight_decay"] * cosine(step, steps))
+    else:
+        raise ValueError(f"unknown nanochat arm {arm!r}")
+
+    def at(step):
+        if step < warmup:
+            lrm = (step + 1) / warmup
+        elif step <= steps - warmdown:
             lrm = 1.0
         else:
             progress = (steps - step) / warmdown
-            lrm = progress + (1 - progress) * 0.05
-        frac = min(step / 400, 1)
-        mom = (1 - frac) * 0.85 + frac * 0.97
-        if step >= steps - warmdown:
-            progress = (step - (steps - warmdown)) / warmdown
-            mom = 0.97 * (1 - progress) + 0.90 * progress
+            lrm = progress + (1 - progress) * ref["final_lr"]
+        mom = 0.85 + 0.12 * min(step / 400, 1)
+        if step >= max(steps - warmdown, momentum_falls_from):
+            mom = 0.97 + (0.90 - 0.97) * (step - (steps - warmdown)) / warmdown
+        return lrm, mom, kwargs["weight_decay"] * cosine(step, steps)
+    return kwargs, at
+
+
+def cosine(step, steps):
+    return 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def build_nanochat(job, shape, vocab, steps):
+    """karpathy/nanochat's model and optimizer from a checkout (its package shadows ours in this process)."""
+    from nanochat.train_loop import lr_multiplier, muon_momentum  # ours (the arm on our schedule), then theirs:
+    for name in [m for m in sys.modules if m == "nanochat" or m.startswith("nanochat.")]:
+        del sys.modules[name]
+    sys.path.insert(0, job["nanochat"])
+    from nanochat.gpt import GPT, GPTConfig
+    width, head_dim = shape["width"], shape["head_dim"]
+
+    def model_of_depth(depth):  # as its base_train builds it: width depth x aspect ratio, its default window pattern
+        n_embd = depth * (width // shape["depth"])
+        cfg = GPTConfig(sequence_len=SEQ, vocab_size=vocab, n_layer=depth, n_head=n_embd // head_dim,
+                        n_kv_head=n_embd // head_dim, n_embd=n_embd)
+        with torch.device("meta"):
+            return GPT(cfg)
+    model = model_of_depth(shape["depth"])
+    model.to_empty(device="cpu")
+    model.init_weights()
+    kwargs, at = nanochat_schedule(job["variant"], model_of_depth, shape["depth"], steps,
+                                   (lr_multiplier, muon_momentum))
+    opt = model.setup_optimizer(**kwargs)
+
+    def set_sched(step):
+        lrm, mom, wd = at(step)
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = mom
-                group["weight_decay"] = NANOCHAT_WD * 0.5 * (1 + math.cos(math.pi * step / steps))
+                group["weight_decay"] = wd
     return model, [opt], set_sched
 
 
@@ -247,6 +312,7 @@ def run_all(jobs, results, results_path, parallel):
         r = results[key(job)]
         print(f"  [{done}/{done + len(todo) + len(running)}] {job['variant']:9s} seed {job['seed']}: val bpb {r['bpb']:.4f} "
               f"(loss {r['final_loss']:.3f}, {BATCH_TOKENS / r['step_s']:,.0f} tok/s at 1 thread, "
+              f"{BATCH_TOKENS / r.get('cpu_step_s', float('nan')):,.0f} per CPU second, "
               f"{r['rss_mib']:.0f} MiB) {time.time() - t_start:.0f} s", flush=True)
         save(results, results_path)
 
@@ -257,7 +323,7 @@ def save(results, path):
 
 
 def key(job):
-    tag = ",".join(job["keep"]) if job["variant"] == "all" else ""
+    tag = ",".join(job["keep"]) if job["variant"] == "all" else "own" if job["variant"] == "nanochat" else ""
     return f"{job['variant']}[{tag}]/seed{job['seed']}/steps{job['steps']}"
 
 
@@ -285,10 +351,11 @@ def main():
     parser.add_argument("--steps", type=int, default=60, help=f"optimizer steps of {BATCH_TOKENS:,} tokens per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variants", default="base," + ",".join(CANDIDATES) + ",all",
-                        help=f"comma-separated: base, all, nanochat, or candidates {','.join(CANDIDATES)}")
+                        help=f"comma-separated: base, all, {', '.join(NANOCHAT_ARMS)}, or candidates {','.join(CANDIDATES)}")
     parser.add_argument("--keep", default="", help="candidates that 'all' combines (default: those that pass the "
                                                    "keep rule in this run's results)")
-    parser.add_argument("--nanochat", default="", help="path to a karpathy/nanochat checkout: add its model as an arm")
+    parser.add_argument("--nanochat", default="", help="path to a karpathy/nanochat checkout: its model as an arm "
+                                                       "(nanochat: on its own schedule, unless --variants names its arms)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     parser.add_argument("--speed-rounds", type=int, default=3, help="tokens/s measurements per variant (0: skip)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs and batches")
@@ -301,14 +368,17 @@ def main():
     from nanochat.common import get_base_dir
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants + [k for k in args.keep.split(",") if k] if v not in CANDIDATES
-               and v not in ("base", "all", "nanochat")]
+               and v not in ("base", "all", *NANOCHAT_ARMS)]
     if unknown:
-        raise SystemExit(f"error: unknown variant(s) {unknown}; choose from base, all, nanochat, {', '.join(CANDIDATES)}")
+        raise SystemExit(f"error: unknown variant(s) {unknown}; choose from base, all, {', '.join(NANOCHAT_ARMS)}, "
+                         f"{', '.join(CANDIDATES)}")
+    if any(v in NANOCHAT_ARMS for v in variants) and not args.nanochat:
+        raise SystemExit("error: the nanochat arms need --nanochat PATH (a checkout of karpathy/nanochat)")
     if args.nanochat:
         args.nanochat = os.path.abspath(os.path.expanduser(args.nanochat))
         if not os.path.exists(os.path.join(args.nanochat, "nanochat", "gpt.py")):
             raise SystemExit(f"error: --nanochat {args.nanochat} is not a karpathy/nanochat checkout (no nanochat/gpt.py)")
-        variants += [] if "nanochat" in variants else ["nanochat"]
+        variants += [] if any(v in NANOCHAT_ARMS for v in variants) else ["nanochat"]
     if args.steps < 3 or args.seeds < 1:
         raise SystemExit("error: --steps must be at least 3 and --seeds at least 1")
     out_dir = os.path.join(get_base_dir(), "bench", "model", f"{args.shape}_rows")  # results of streamed batches stay apart
@@ -351,7 +421,8 @@ def main():
     if args.speed_rounds and base is not None:
         print(f"tokens/s of base, the candidates that lower bpb ({', '.join(gains) or 'none'}) and nanochat, "
               f"{threads} threads...", flush=True)
-        tok_s = speed(["base"] + gains + (["nanochat"] if "nanochat" in singles else []), [], args.shape,
+        arms = [v for v in singles if v in NANOCHAT_ARMS][:1]  # its arms differ in schedule only: one measurement
+        tok_s = speed(["base"] + gains + arms, [], args.shape,
                       args.speed_rounds, args.nanochat, batches, args.steps, threads, results.setdefault("speed", {}))
     keep = [k for k in args.keep.split(",") if k]
     equal_time = {}  # a slower candidate may still pay for itself: fewer steps, in proportion, must still beat base
@@ -381,24 +452,34 @@ def main():
              f"{args.seeds} seeds", "",
              f"kept (lower mean val bpb than base by more than 2 standard errors, tokens/s within 3 % or still lower "
              f"at equal wall time): {', '.join(keep) or 'none'}", "",
-             "| variant | change | val bpb mean | sd | vs base (paired) | 2 SE | tokens/s | vs base | peak RSS MiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| variant | change | val bpb mean | sd | vs base (paired) | 2 SE | tokens/s | vs base | tokens/s per CPU second | peak RSS MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for v, mean, sd, diff, se in rows:
-        labels = {"base": "the old defaults (first release)", "nanochat": "karpathy/nanochat main", "all": "+".join(keep)}
+        labels = {"base": "the old defaults (first release)", **NANOCHAT_ARMS, "all": "+".join(keep)}
         what = CANDIDATES[v][0] if v in CANDIDATES else labels[v]
         ks = [results[key(dict(variant=v, seed=s, steps=args.steps, keep=keep if v == "all" else []))]
               for s in range(args.seeds)]
         rss = max(r["rss_mib"] for r in ks)
         ts = tok_s.get(v)
         rel = f"{ts / tok_s['base'] - 1:+.1%}" if ts and "base" in tok_s else ""
+        cpu = [BATCH_TOKENS / r["cpu_step_s"] for r in ks if "cpu_step_s" in r]  # runs from before it was recorded: none
         lines.append(f"| {v} | {what} | {mean:.4f} | {sd:.4f} | {diff:+.4f} | {2 * se:.4f} | "
-                     f"{f'{ts:,.0f}' if ts else ''} | {rel} | {rss:.0f} |")
+                     f"{f'{ts:,.0f}' if ts else ''} | {rel} | {f'{statistics.median(cpu):,.0f}' if cpu else ''} | {rss:.0f} |")
     for v, (n, diff, se) in equal_time.items():
         lines.insert(3, f"- {v} at equal wall time ({n} steps): {diff:+.4f} bpb vs base (2 SE {2 * se:.4f}): "
                         f"{'kept, it pays for its cost' if v in keep else 'dropped'}")
+    if any(v == "all" for v, *_ in rows):  # nanochat against our defaults, paired by seed as against base
+        ours, arms = bpbs("all", keep), [v for v, *_ in rows if v in NANOCHAT_ARMS]
+        lines += [""] if arms else []
+        for v in arms:
+            diffs = [x - y for x, y in zip(bpbs(v), ours)]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+            lines.append(f"- {v} vs all (paired): {statistics.mean(diffs):+.4f} bpb (2 SE {2 * se:.4f})")
     lines += ["", f"Machine: {os.cpu_count()} CPU threads; bpb runs one thread each, {args.jobs} at once; tokens/s with "
               f"{os.cpu_count()} threads, one process per measurement, median of {args.speed_rounds} rounds ('all': "
-              f"scaled by base's figure from its own pass); peak RSS: a bpb run's VmHWM."]
+              f"scaled by base's figure from its own pass); tokens/s per CPU second: the bpb runs' own steps (one thread, "
+              f"the median step's process CPU time, median over seeds; steady under load where wall time is not); "
+              f"peak RSS: a bpb run's VmHWM."]
     table = "\n".join(lines) + "\n"
     save(results, results_path)  # with the tokens/s measurements
     with open(os.path.join(out_dir, f"ablation_{args.steps}.md"), "w") as f:
