@@ -299,8 +299,7 @@ def collect_arm(runner, arm_tag, stages, base_tag):
     for task in TASK_NAMES:
         row[task] = chat["sft"]["tasks"][task]["accuracy"]
     row["ChatCORE"] = chat["sft"]["ChatCORE"]
-    across = lambda m: m["outer_bytes"] if m["sync"] == "diloco" else m["inner_bytes"]
-    row["bytes_across_workers"] = across(base_meta) + across(mid_meta) + across(sft_meta)
+    row["bytes_across_workers"] = sum(m["bytes_across_workers"] for m in (base_meta, mid_meta, sft_meta))  # the sync's
     row["wall_seconds"] = sum(runner.marker(s)["seconds"] for s in stages)
     by_stage = {stage: {"chat_val_bpb": c["chat_val_bpb"],
                         **{f"{task} log p": c["tasks"][task]["mean_logprob"] for task in LOGP_TASKS},
@@ -452,8 +451,7 @@ def write_report(results, runner, out_dir, scale_name, total_seconds, drift=(), 
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (arm, runs) in enumerate(results.items()):
-        label = "outer_bytes" if runs[0]["sync"][0] == "diloco" else "inner_bytes"
-        points = [(p[label], p["val_bpb"]) for p in runs[0]["curve"] if p[label] > 0]
+        points = [(p["bytes_across_workers"], p["val_bpb"]) for p in runs[0]["curve"] if p["bytes_across_workers"] > 0]
         ax.plot([b for b, _ in points], [v for _, v in points], marker="o", linestyle=styles[i % 4], label=ARM_LABELS[arm])
     ax.set_xscale("log")
     ax.set_xlabel("bytes communicated across workers (all ranks, cumulative)")
