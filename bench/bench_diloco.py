@@ -47,14 +47,15 @@ import time
 
 import torch
 
-from diloco import add_sync_args, make_sync, make_worker_groups, sync_config_from_args
-from diloco.codecs import CODECS, add_codec_args, codec_config_from_args, make_codec
+from diloco import SyncConfig, make_sync, make_worker_groups
+from diloco.codecs import CODECS, add_codec_args, make_codec
 from diloco.fragments import split_into_fragments
 from diloco.recipes import RECIPES
 from nanochat.checkpoint import checkpoint_dir
 from nanochat.common import autocast_context, autodetect_device_type, device_synchronize, get_base_dir, write_atomic
 from nanochat.dataset import list_parquet_files
 from nanochat.gpt import GPTConfig, gpt_on_meta
+from scripts.flags import codec_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,7 +207,7 @@ def fragment_codecs(compression, fragments, params):
     """The codec of each fragment, as base_train builds them (any --outer-* in the passed-on flags count)."""
     codec_args = add_codec_args(argparse.ArgumentParser()).parse_known_args(["--outer-compression", compression,
                                                                              *train_args])[0]
-    return [make_codec(codec_config_from_args(codec_args), [p.numel() for p in frag], "cpu") for frag in split_into_fragments(params, fragments)]
+    return [make_codec(codec_config(codec_args), [p.numel() for p in frag], "cpu") for frag in split_into_fragments(params, fragments)]
 
 
 def exchanges(h, fragments, overlap, f):
@@ -253,7 +254,7 @@ def measure_overhead(meta, h, rounds):
                     opt.step()
                 model.zero_grad(set_to_none=True)
             return model, step, None
-        config = sync_config_from_args(add_sync_args(argparse.ArgumentParser()).parse_args(["--sync", sync_mode, "--diloco-h", str(h)]))
+        config = SyncConfig(mode=sync_mode, h=h)  # the flags' defaults otherwise
         sync = make_sync(config, model, opts, make_worker_groups(config))
         return model, sync.step, sync
 

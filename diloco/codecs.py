@@ -509,7 +509,7 @@ CODECS = {c.name: c for c in (NoneCodec, BF16Codec, Int8Codec, Int4Codec, TopKCo
 
 @dataclass
 class CodecConfig:
-    """Which codec carries the outer exchange, and its parameters (the --outer-* flags: codec_config_from_args).
+    """Which codec carries the outer exchange, and its parameters (scripts/flags.py builds it from the --outer-* flags).
 
     Args:
         name: one of CODECS.
@@ -557,14 +557,6 @@ def add_codec_args(group):
                        help="sparseloco, dct: decay of each worker's error feedback / momentum, e = decay * e + delta "
                             "(these codecs replace the outer momentum: the outer SGD runs without it)")
     return group
-
-
-def codec_config_from_args(args):
-    """The flags of add_codec_args as a CodecConfig."""
-    return CodecConfig(name=args.outer_compression, topk_fraction=args.outer_topk_fraction,
-                       dct_fraction=args.outer_dct_fraction, dct_chunk=args.outer_dct_chunk, dct_bits=args.outer_dct_bits,
-                       sparseloco_density=args.outer_sparseloco_density, sparseloco_chunk=args.outer_sparseloco_chunk,
-                       sparseloco_bits=args.outer_sparseloco_bits, ef_decay=args.outer_ef_decay)
 
 
 def make_codec(config, sizes, device):

@@ -3,7 +3,7 @@
 A training script builds its process groups, model and inner optimizers, then drives one sync object (the
 protocol nanochat/sync.py defines; DDPSync lives there, so nanochat trains DDP without this package):
 
-    config = sync_config_from_args(args)                 # the --sync flags as a typed SyncConfig
+    config = SyncConfig(mode="diloco", h=100)            # a script's: its --sync flags (scripts/flags.py)
     groups = make_worker_groups(config)                  # inner group = the ranks that average gradients
     optimizers = model.setup_optimizers(..., process_group=groups.inner)
     sync = make_sync(config, model, optimizers, groups)
@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from diloco.codecs import CODECS, CodecConfig, add_codec_args, codec_config_from_args, make_codec
+from diloco.codecs import CODECS, CodecConfig, add_codec_args, make_codec
 from diloco.fragments import Fragment, Pending, split_into_fragments
 from diloco.membership import ElasticCodec, TorchftMembership, add_membership_args, data_slot, theta_checksum
 from nanochat import comm
@@ -60,7 +60,7 @@ from nanochat.common import UsageError, collective_timeout, get_dist_info
 from nanochat.sync import DDPSync, WorkerGroups, broadcast_parameters, ddp_worker_groups
 
 __all__ = ["DDPSync", "DiLoCoSync", "ElasticConfig", "SyncConfig", "WorkerGroups", "add_sync_args", "broadcast_parameters",
-           "make_sync", "make_worker_groups", "sync_config_from_args"]
+           "make_sync", "make_worker_groups"]
 
 
 @dataclass
@@ -93,7 +93,7 @@ class ElasticConfig:
 
 @dataclass
 class SyncConfig:
-    """How the replicas of a run are kept in step. Scripts build it from the --sync flags (sync_config_from_args).
+    """How the replicas of a run are kept in step. Scripts build it from the --sync flags (scripts/flags.py).
 
     Args:
         mode: "ddp" (average gradients every step) or "diloco" (workers sync every h inner steps).
@@ -167,21 +167,6 @@ def add_sync_args(parser):
                    help="seconds a collective waits for a peer before the run fails (default: $NANOCHAT_COLLECTIVE_TIMEOUT "
                         "or 600)")
     return parser
-
-
-def sync_config_from_args(args):
-    """The flags of add_sync_args as a SyncConfig: the one place that reads them."""
-    elastic = None
-    if args.elastic == "torchft":
-        elastic = ElasticConfig(lighthouse=args.lighthouse, replica_id=args.replica_id, max_workers=args.max_workers,
-                                min_workers=args.min_workers, max_outer_retries=args.max_outer_retries,
-                                peer_timeout=args.peer_timeout, link_mbps=args.link_mbps)
-    return SyncConfig(mode=args.sync, h=args.diloco_h, workers=args.diloco_workers, outer_lr=args.outer_lr,
-                      outer_momentum=args.outer_momentum, outer_nesterov=bool(args.outer_nesterov),
-                      outer_lr_warmup=args.outer_lr_warmup, outer_final_average=bool(args.outer_final_average),
-                      outer_device=args.outer_device, fragments=args.diloco_fragments, overlap=args.diloco_overlap,
-                      alpha=args.fragment_alpha, codec=codec_config_from_args(args), elastic=elastic,
-                      comm_delay_s=args.comm_delay_ms / 1000, collective_timeout=args.collective_timeout)
 
 
 def make_worker_groups(config):

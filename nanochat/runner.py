@@ -3,7 +3,7 @@ and its sync, resume or a fresh start, the data position, evals, saves, the metr
 report with the bytes that crossed between workers (asked of the sync object). A stage's script declares only its
 own: flags, model, loader, loss, evaluation, schedule and progress line.
 
-    run = StageRun("mid", run_config_from_args(args), sync_lib, sync_config, vars(args), "wandb-project")
+    run = StageRun("mid", run_config, sync_lib, sync_config, vars(args), "wandb-project")  # scripts/flags.py
     model = ...                                               # the stage's: built from scratch or loaded
     train_model = run.setup(model, init_lr_frac=0.02, matrix_lr=...)  # worker groups, optimizers, sync, compile
     B, grad_accum_steps = run.device_batch(B, largest_B, rows_per_rank, micro_step, seq_len)
@@ -56,13 +56,6 @@ class RunConfig:
     sample_every: int = 0
     save_every: int = 0
     compile: int = -1
-
-
-def run_config_from_args(args):
-    """The flags of add_stage_args (and --sample-every where a stage has it) as a RunConfig."""
-    return RunConfig(device_type=args.device_type, run=args.run, seed=args.seed, resume=args.resume,
-                     stop_after=args.stop_after, eval_every=args.eval_every, sample_every=getattr(args, "sample_every", 0),
-                     save_every=args.save_every, compile=args.compile)
 
 
 def comm_figures(stats=None):
@@ -147,11 +140,13 @@ class StageRun:
             if at.eval:
                 self.val_bpb = evaluate()
                 self.min_val_bpb = self.val_bpb if math.isnan(self.min_val_bpb) else min(self.min_val_bpb, self.val_bpb)
-                figures = comm_figures()
+                stats = comm.global_comm_stats()
+                figures = comm_figures(stats)
                 print0(f"step {step:05d} | val bpb {self.val_bpb:.4f} | {self.unit} {step * self.per_step:,} | "
                        f"inner {figures['inner_bytes']:,} B | outer {figures['outer_bytes']:,} B")
                 self.metrics.log({"step": step, self.unit: step * self.per_step, "val_bpb": self.val_bpb,
-                                  "train_seconds": self.seconds, **figures})
+                                  "train_seconds": self.seconds, **figures,
+                                  "bytes_across_workers": bytes_across_workers(self.sync, stats)})
             if at.sample and self.master and sample is not None:
                 sample()
             if at.save:

@@ -10,8 +10,8 @@ same protocol for DiLoCo; nanochat trains DDP without it.
     sync.synchronize()                                    # once, at the end
 
 A script picks its sync library once (scripts/sync_choice.py): diloco when it is importable, else this module.
-Both offer the same four functions: add_sync_args(parser), sync_config_from_args(args) -> a config with
-.mode, .elastic and .collective_timeout, make_worker_groups(config), make_sync(config, model, optimizers, groups).
+Both offer add_sync_args(parser), make_worker_groups(config) and make_sync(config, model, optimizers, groups); the
+config (here DDPConfig; .mode, .elastic and .collective_timeout) is built from the flags by scripts/flags.py.
 """
 
 from contextlib import contextmanager
@@ -170,10 +170,6 @@ def add_sync_args(parser):
                    help="seconds a collective waits for a peer before the run fails (default: $NANOCHAT_COLLECTIVE_TIMEOUT "
                         "or 600)")
     return parser
-
-
-def sync_config_from_args(args):
-    return DDPConfig(comm_delay_s=args.comm_delay_ms / 1000, collective_timeout=args.collective_timeout)
 
 
 def make_worker_groups(config):

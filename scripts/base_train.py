@@ -13,9 +13,10 @@ from nanochat.common import UsageError, autodetect_device_type, exit_now, peak_f
 from nanochat.dataloader import PACKINGS, ROW_POOLS, tokenizing_distributed_data_loader
 from nanochat.gpt import config_from_depth, gpt_on_meta
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.runner import StageRun, run_config_from_args
+from nanochat.runner import StageRun
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train_loop import add_stage_args, lr_multiplier, muon_momentum, set_schedule
+from scripts import flags
 from scripts.sync_choice import sync_lib, sync_summary
 
 # Presets: "tiny" learns visibly in minutes on 2 CPU cores; "d20" is nanochat's 8xH100 speedrun model.
@@ -78,8 +79,8 @@ def main(argv=None):
     for key, value in PRESETS[preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    sync_config = sync_lib.sync_config_from_args(args)
-    run = StageRun("base", run_config_from_args(args), sync_lib, sync_config, vars(args), "nanochat-diloco")
+    sync_config = flags.sync_config(args)
+    run = StageRun("base", flags.run_config(args), sync_lib, sync_config, vars(args), "nanochat-diloco")
 
     # Tokenizer and model
     tokenizer = get_tokenizer()

@@ -29,6 +29,7 @@ from nanochat.report import get_report
 from nanochat.runner import RunConfig, StageRun
 from nanochat.stage import STAGE_NAMES, STAGES
 from nanochat.train_loop import MetricsLog, bytes_across_workers, set_schedule, train_steps
+from scripts import flags
 from scripts.sync_choice import sync_lib
 from tasks.chat_eval import fit_prompt, generation_prompt_limit, run_chat_eval
 
@@ -210,7 +211,7 @@ def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_lab
 
 def main(argv=None):
     args = parse_args(argv)
-    sync_config = sync_lib.sync_config_from_args(args)
+    sync_config = flags.sync_config(args)
     if sync_config.elastic is not None:  # refused rather than silently wrong
         raise UsageError("chat_rl does not take --elastic: its prompts are dealt by rank within one torchrun job, so "
                          "every elastic worker would roll out the same prompts; run RL with a fixed set of workers "

@@ -14,10 +14,11 @@ from nanochat.checkpoint import load_model
 from nanochat.common import UsageError, exit_now, print0, usage_errors
 from nanochat.dataloader import conversation_padded_loader, conversation_stream_loader, count_conversation_tokens
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.runner import StageRun, run_config_from_args
+from nanochat.runner import StageRun
 from nanochat.stage import STAGE_NAMES, STAGES
 from nanochat.tokenizer import get_token_bytes
 from nanochat.train_loop import add_stage_args, lr_multiplier, muon_momentum, set_schedule
+from scripts import flags
 from scripts.sync_choice import sync_lib, sync_summary
 from tasks.mixtures import training_mixture, validation_task
 
@@ -69,8 +70,8 @@ def cli(stage):
 def main(stage, argv=None):
     args = parse_args(stage, argv)
     s = TRAINING[stage]
-    sync_config = sync_lib.sync_config_from_args(args)
-    run = StageRun(stage, run_config_from_args(args), sync_lib, sync_config, vars(args), f"nanochat-diloco-{stage}")
+    sync_config = flags.sync_config(args)
+    run = StageRun(stage, flags.run_config(args), sync_lib, sync_config, vars(args), f"nanochat-diloco-{stage}")
 
     model, tokenizer, source_meta = load_model(args.source, run.device, phase="train", model_tag=args.model_tag,
                                                step=args.step)

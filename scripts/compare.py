@@ -280,6 +280,14 @@ def arm_card(base_report, arm_report):
     return Report(arm_report).generate()
 
 
+def bytes_across(record, sync):
+    """Bytes across workers of a checkpoint's meta or an eval record: the sync object's own figure. Stages trained
+    before 2026-12-07 did not record it; for them it is what the sync mode sends between workers."""
+    if "bytes_across_workers" in record:
+        return record["bytes_across_workers"]
+    return record["outer_bytes"] if sync == "diloco" else record["inner_bytes"]
+
+
 def collect_arm(runner, arm_tag, stages, base_tag):
     """The arm's figures (one seed), read back from its checkpoints' metadata and eval results."""
     def meta(stage, tag):
@@ -299,8 +307,7 @@ def collect_arm(runner, arm_tag, stages, base_tag):
     for task in TASK_NAMES:
         row[task] = chat["sft"]["tasks"][task]["accuracy"]
     row["ChatCORE"] = chat["sft"]["ChatCORE"]
-    across = lambda m: m["outer_bytes"] if m["sync"] == "diloco" else m["inner_bytes"]
-    row["bytes_across_workers"] = across(base_meta) + across(mid_meta) + across(sft_meta)
+    row["bytes_across_workers"] = sum(bytes_across(m, m["sync"]) for m in (base_meta, mid_meta, sft_meta))
     row["wall_seconds"] = sum(runner.marker(s)["seconds"] for s in stages)
     by_stage = {stage: {"chat_val_bpb": c["chat_val_bpb"],
                         **{f"{task} log p": c["tasks"][task]["mean_logprob"] for task in LOGP_TASKS},
@@ -452,8 +459,8 @@ def write_report(results, runner, out_dir, scale_name, total_seconds, drift=(), 
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (arm, runs) in enumerate(results.items()):
-        label = "outer_bytes" if runs[0]["sync"][0] == "diloco" else "inner_bytes"
-        points = [(p[label], p["val_bpb"]) for p in runs[0]["curve"] if p[label] > 0]
+        points = [(bytes_across(p, runs[0]["sync"][0]), p["val_bpb"]) for p in runs[0]["curve"]]
+        points = [(b, v) for b, v in points if b > 0]
         ax.plot([b for b, _ in points], [v for _, v in points], marker="o", linestyle=styles[i % 4], label=ARM_LABELS[arm])
     ax.set_xscale("log")
     ax.set_xlabel("bytes communicated across workers (all ranks, cumulative)")

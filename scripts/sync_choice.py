@@ -1,5 +1,6 @@
 """The sync library of every training script: diloco/ (DDP and DiLoCo) when it is importable, else nanochat's own
-DDP (nanochat/sync.py). Both offer add_sync_args, sync_config_from_args, make_worker_groups and make_sync."""
+DDP (nanochat/sync.py). Both offer add_sync_args, make_worker_groups and make_sync; scripts/flags.py turns the
+flags into the config they take."""
 
 try:
     import diloco as sync_lib

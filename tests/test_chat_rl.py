@@ -7,11 +7,12 @@ import os
 
 import torch
 
-from diloco import make_sync, make_worker_groups, sync_config_from_args
+from diloco import make_sync, make_worker_groups
 from nanochat.checkpoint import checkpoint_dir, load_checkpoint, load_model
 from nanochat.engine import Engine
 from nanochat.train_loop import scale_initial_lrs
 from scripts import chat_eval, chat_rl
+from scripts.flags import sync_config
 from tests.helpers_pipeline import torchrun
 from tests.helpers_tiny import ANIMALS, PLACES, SOURCE, TAG, ScriptedModel, build_tiny
 
@@ -93,10 +94,10 @@ def test_rl_raises_a_learnable_reward(base_dir):
     model, tokenizer, _ = tiny(base_dir)
     args = chat_rl.parse_args(["--num-steps", "30", "--examples-per-step", "4", "--num-samples", "8",
                                "--max-new-tokens", "20", "--eval-every", "0", "--init-lr-frac", "0.2", "--seed", "0"])
-    groups = make_worker_groups(sync_config_from_args(args))
+    groups = make_worker_groups(sync_config(args))
     optimizers = model.setup_optimizers(process_group=groups.inner)
     scale_initial_lrs(optimizers, args.init_lr_frac)
-    sync = make_sync(sync_config_from_args(args), model, optimizers, groups)
+    sync = make_sync(sync_config(args), model, optimizers, groups)
     # "desert" is one of six places the model picks about equally; greedy decoding says "forest" for every animal
     history, finished = chat_rl.train_rl(model, tokenizer, optimizers, sync, PlaceTask(ANIMALS[:6], "desert"),
                                PlaceTask(ANIMALS[6:], "desert"), "place", args)

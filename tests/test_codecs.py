@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from diloco.codecs import CODECS, add_codec_args, codec_config_from_args, make_codec
+from diloco.codecs import CODECS, add_codec_args, make_codec
 from nanochat import comm
+from scripts.flags import codec_config
 from tests.dist_utils import run_distributed
 
 SIZES = [300, 45, 1000]  # P = 1345 in 3 pieces: shards and chunks that do not divide evenly
@@ -19,7 +20,7 @@ QUANTISED = ("bf16", "int8", "int4")
 
 
 def codec_args(name, *argv):
-    return codec_config_from_args(add_codec_args(argparse.ArgumentParser()).parse_args(["--outer-compression", name, *argv]))
+    return codec_config(add_codec_args(argparse.ArgumentParser()).parse_args(["--outer-compression", name, *argv]))
 
 
 def expected_wire_bytes(name, sizes, k, topk_fraction=0.02, dct_fraction=1 / 32, dct_chunk=64, dct_bits=8,
@@ -369,7 +370,7 @@ def test_the_sparseloco_recipe_sends_64_of_each_4096_entries_in_2_bits_and_outer
     args = add_sync_args(argparse.ArgumentParser()).parse_args(["--diloco-h", "50", *recipe_flags("sparseloco")])
     assert (args.diloco_h, args.outer_lr, args.outer_ef_decay) == (15, 1.0, 0.95)
     assert CODECS[args.outer_compression].owns_momentum  # make_sync then gives the outer SGD no momentum
-    codec = make_codec(codec_config_from_args(args), [3 * 4096, 100], "cpu")
+    codec = make_codec(codec_config(args), [3 * 4096, 100], "cpu")
     # 3 chunks x 64 values: 4 levels (16 B) + 192 2-bit codes (48 B) + 192 12-bit indices (288 B); a tensor of 100
     # is one chunk of 2 values (ceil(100 / 64)): 16 + 1 + 2 B (7-bit indices)
     assert codec.wire_bytes(2) == 352 + 19 == expected_wire_bytes("sparseloco", [3 * 4096, 100], 2)

@@ -57,6 +57,18 @@ def test_experiment_micro(base_dir):
     ddp_bytes = float(rows["(a) DDP -> DDP mid/SFT"][11].replace(",", ""))
     diloco_bytes = float(b[11].replace(",", ""))
     assert diloco_bytes < ddp_bytes
+    # the bytes across workers compare sums (checkpoints) and plots (metrics) are the traffic the stage's sync mode
+    # sends between workers: DDP's gradient all-reduce, DiLoCo's outer exchange
+    metas = {p.parent.parent: json.loads(p.read_text()) for stage in ("base", "mid", "sft")
+             for p in (base_dir / "checkpoints" / stage).glob("*/step_*/meta.json")}
+    assert {d.parent.name for d in metas} == {"base", "mid", "sft"}
+    assert {m["sync"] for m in metas.values()} == {"ddp", "diloco"}
+    for tag_dir, meta in metas.items():
+        label = "outer_bytes" if meta["sync"] == "diloco" else "inner_bytes"
+        assert meta["bytes_across_workers"] == meta[label], (tag_dir, meta)
+        for r in map(json.loads, (tag_dir / "metrics.jsonl").read_text().splitlines()):
+            if "val_bpb" in r:
+                assert r["bytes_across_workers"] == r[label], (tag_dir, r)
     results = json.loads((base_dir / "compare" / "results.json").read_text())
     for arm, r in results.items():
         run = r["runs"][0]

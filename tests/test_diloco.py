@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from diloco import add_sync_args, make_sync, make_worker_groups, sync_config_from_args
+from diloco import add_sync_args, make_sync, make_worker_groups
 from nanochat import comm
+from scripts.flags import sync_config
 from tests.dist_utils import run_distributed
 
 
@@ -39,7 +40,7 @@ def toy_batch(rank, step):
 
 
 def sync_args(*argv):
-    return sync_config_from_args(add_sync_args(argparse.ArgumentParser()).parse_args(list(argv)))
+    return sync_config(add_sync_args(argparse.ArgumentParser()).parse_args(list(argv)))
 
 
 def test_collective_timeout_defaults_to_the_environment(monkeypatch):

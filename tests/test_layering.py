@@ -76,3 +76,65 @@ def test_a_library_usage_error_reaches_the_command_line_as_one_line_naming_the_f
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: no mid checkpoints under {base_dir}/checkpoints/mid: train one first (e.g. python -m scripts.mid_train)")
+
+
+# a module's own command line (its main(), its `if __name__ == "__main__":` block) may parse flags and exit; so may
+# usage_errors, the scripts' one-line exit (nanochat/common.py). Everything else is library code.
+COMMAND_LINE = ("main", "usage_errors")
+
+
+def command_line_escapes(tree):
+    """(line, what) for each function other than COMMAND_LINE that takes an argparse Namespace (a parameter annotated
+    Namespace, or named args/namespace and read as args.flag) and each SystemExit raised (raise SystemExit,
+    sys.exit()) outside them."""
+    found = []
+
+    def visit(node, allowed):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            allowed = node.name in COMMAND_LINE
+            a = node.args
+            # read as a Namespace: annotated so, or args.flag_name in the body (an audit hook's or
+            # __torch_function__'s `args` tuple is indexed, not read by attribute)
+            read = {n.value.id for n in ast.walk(node) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+            read |= {n.args[0].id for n in ast.walk(node) if isinstance(n, ast.Call) and ast.unparse(n.func) in
+                     ("vars", "getattr") and n.args and isinstance(n.args[0], ast.Name)}
+            for p in a.posonlyargs + a.args + a.kwonlyargs:
+                annotation = ast.unparse(p.annotation) if p.annotation else ""
+                if not allowed and (annotation.endswith("Namespace") or p.arg in ("args", "namespace") and p.arg in read):
+                    found.append((node.lineno, f"{node.name}({p.arg})"))
+        elif isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            allowed = True
+        elif not allowed and isinstance(node, ast.Raise) and node.exc is not None:
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if ast.unparse(exc) == "SystemExit":
+                found.append((node.lineno, "raise SystemExit"))
+        elif not allowed and isinstance(node, ast.Call) and ast.unparse(node.func) in ("sys.exit", "exit", "quit"):
+            found.append((node.lineno, ast.unparse(node.func) + "()"))
+        for child in ast.iter_child_nodes(node):
+            visit(child, allowed)
+
+    visit(tree, False)
+    return found
+
+
+def test_library_functions_take_no_argparse_namespace_and_raise_no_systemexit():
+    found = []
+    for package in ("nanochat", "diloco"):
+        for name in sorted(os.listdir(os.path.join(ROOT, package))):
+            if name.endswith(".py"):
+                path = os.path.join(ROOT, package, name)
+                found += [(f"{package}/{name}:{line}", what)
+                          for line, what in command_line_escapes(ast.parse(open(path).read(), path))]
+    assert found == []
+    # the check sees each kind of escape, and lets a command line be one
+    bad = """
+def config(args): return args.sync
+def hook(event, args): return args[0]
+def load(path):
+    if not path: raise SystemExit(1)
+def run(ns: argparse.Namespace): sys.exit(2)
+def main(args): raise SystemExit(args.x)
+if __name__ == "__main__": sys.exit(main())
+"""
+    assert command_line_escapes(ast.parse(bad)) == [(2, "config(args)"), (5, "raise SystemExit"),
+                                                      (6, "run(ns)"), (6, "sys.exit()")]

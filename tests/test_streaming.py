@@ -9,15 +9,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from diloco import add_sync_args, make_sync, make_worker_groups, sync_config_from_args
+from diloco import add_sync_args, make_sync, make_worker_groups
 from diloco.fragments import split_into_fragments
 from nanochat import comm
+from scripts.flags import sync_config
 from tests.dist_utils import run_distributed
 from tests.test_diloco import GroupSGD, flat_params, toy_batch, toy_model
 
 
 def sync_args(*argv):
-    return sync_config_from_args(add_sync_args(argparse.ArgumentParser()).parse_args(list(argv)))
+    return sync_config(add_sync_args(argparse.ArgumentParser()).parse_args(list(argv)))
 
 
 def inner_step(model, sync, rank, step):
