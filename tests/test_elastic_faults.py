@@ -240,6 +240,13 @@ def fault_run(tmp_path_factory):
             _wait(lambda: procs[tag].poll() is not None, deadline, f"{tag} to exit")
             events[f"{tag} exited"] = time.time()
 
+    def kill_lighthouse(lighthouse, name, waiting_for, event):  # once both sites hold at gate `name`; then release it
+        _wait(lambda: holding(name), deadline, waiting_for)
+        lighthouse.kill()
+        lighthouse.wait()
+        events[event] = time.time()
+        gate(name)
+
     lighthouse = _lighthouse(port, deadline, file("lighthouse1.log"))
     try:
         # the two sites start together (each joins once the other is up); w0 holds at the steps named below
@@ -264,11 +271,7 @@ def fault_run(tmp_path_factory):
         # 2. the Lighthouse is killed while w1 waits for the sync at 28 and w0 holds at 26, then restarted, waiting for
         # both sites (the first one back must not go on alone: it would, and the checksum would heal the other when
         # they meet again, but not at a step this test can name)
-        _wait(lambda: holding("lh_down"), deadline, "both sites past step 26")
-        lighthouse.kill()
-        lighthouse.wait()
-        events["Lighthouse killed"] = time.time()
-        gate("lh_down")  # w0 goes on to the sync at step 28 too
+        kill_lighthouse(lighthouse, "lh_down", "both sites past step 26", "Lighthouse killed")  # w0 goes on to 28 too
         time.sleep(1.0)  # the outage
         lighthouse = _lighthouse(port, deadline, file("lighthouse2.log"), min_replicas=2)
         events["Lighthouse back"] = time.time()
@@ -277,11 +280,7 @@ def fault_run(tmp_path_factory):
         stopped("w1")
         gate("w1_dead")
         # 4. the Lighthouse is killed for good while w1 waits for the sync at 46 and w0 holds at 44
-        _wait(lambda: holding("lh_lost"), deadline, "both sites past step 44")
-        lighthouse.kill()
-        lighthouse.wait()
-        events["Lighthouse killed for good"] = time.time()
-        gate("lh_lost")  # w0 goes on to the sync at step 46 too
+        kill_lighthouse(lighthouse, "lh_lost", "both sites past step 44", "Lighthouse killed for good")  # w0 to 46 too
         stopped("w0", "w1b")
         lighthouse = _lighthouse(port, deadline, file("lighthouse3.log"), min_replicas=2)
         gate("resume")  # both sites resume together (each joins once the other is up)
