@@ -40,6 +40,7 @@ from contextlib import contextmanager
 
 import torch
 
+from diloco.recipes import RECIPES, recipe_flags
 from nanochat.checkpoint import checkpoint_dir
 from nanochat.common import get_base_dir, write_atomic
 from nanochat.dataset import list_parquet_files
@@ -65,6 +66,9 @@ parser.add_argument("--fragments", type=int, default=0, help="Streaming DiLoCo f
 parser.add_argument("--overlap", type=int, default=0,
                     help="Streaming DiLoCo overlap tau >= 1 in inner steps, < H/F (default 5; quick: 1)")
 parser.add_argument("--codec", default="int4", help="outer codec of the streaming_codec arm")
+parser.add_argument("--diloco-recipe", choices=list(RECIPES), default="paper",
+                    help="flags from diloco/recipes.py for the DiLoCo arms; its H is the default of --diloco-h; the DDP "
+                         "arm, and so the common target's reference, stays the same")
 parser.add_argument("--delay-ms", type=float, default=10.0, help="one-way delay added by netem (when the kernel has it)")
 parser.add_argument("--probe-seconds", type=float, default=2.0, help="length of the bulk transfer that measures each rate")
 parser.add_argument("--quick", action="store_true", help="micro model, 2 rates, few steps: the harness in minutes")
@@ -79,7 +83,8 @@ quick = args.quick
 K = args.sites
 N = args.num_iterations or (8 if quick else 200)
 EVAL_EVERY = args.eval_every or (4 if quick else 25)
-H = args.diloco_h or (4 if quick else 50)
+RECIPE = recipe_flags(args.diloco_recipe)
+H = args.diloco_h or (int(RECIPE[RECIPE.index("--diloco-h") + 1]) if "--diloco-h" in RECIPE else 4 if quick else 50)
 F = args.fragments or (2 if quick else 4)
 TAU = args.overlap or (1 if quick else 5)  # Streaming DiLoCo needs tau < H/F
 arm_names = [a for a in args.arms.split(",") if a]
@@ -284,7 +289,7 @@ def probe_rate(sites, bps, seconds):
 def arm_flags(name):
     if name == "ddp":
         return ["--sync", "ddp"]
-    flags = ["--sync", "diloco", "--diloco-h", str(H), "--diloco-workers", str(K)]
+    flags = ["--sync", "diloco", *RECIPE, "--diloco-h", str(H), "--diloco-workers", str(K)]  # the arm's flags win
     if name.startswith("streaming"):
         flags += ["--diloco-fragments", str(F), "--diloco-overlap", str(TAU)]
     if name == "streaming_codec":
@@ -293,7 +298,8 @@ def arm_flags(name):
 
 
 def arm_label(name):
-    return {"ddp": "DDP", "diloco": f"DiLoCo H={H}", "streaming": f"Streaming F={F} tau={TAU}",
+    recipe = "" if args.diloco_recipe == "paper" else f" {args.diloco_recipe}"
+    return {"ddp": "DDP", "diloco": f"DiLoCo H={H}{recipe}", "streaming": f"Streaming F={F} tau={TAU}",
             "streaming_codec": f"Streaming F={F} tau={TAU} {args.codec}"}[name]
 
 
@@ -593,7 +599,7 @@ plot(results, plot_path)
 write_atomic(os.path.join(out_dir, "wan.md"), f"# WAN benchmark\n\n![val bpb vs time](wan_bpb_vs_time.png)\n\n{table}\n")
 write_atomic(os.path.join(out_dir, "wan.json"), json.dumps(
     {"sites": K, "rates_bps": rates, "arms": arm_names, "num_iterations": N, "eval_every": EVAL_EVERY, "diloco_h": H,
-     "fragments": F, "overlap": TAU, "codec": args.codec, "quick": quick, "seed": args.seed,
+     "fragments": F, "overlap": TAU, "codec": args.codec, "diloco_recipe": args.diloco_recipe, "quick": quick, "seed": args.seed,
      "netem": sites.netem, "delay_ms": args.delay_ms if sites.netem else 0, "train_args": train_args,
      "probes": {str(b): p for b, p in probes.items()}, "targets": {str(b): t for b, t in targets.items()},
      "results": results}, indent=2))
