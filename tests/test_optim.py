@@ -1,3 +1,4 @@
+import contextlib
 import io
 import os
 
@@ -473,3 +474,37 @@ def test_adamw_multi_tensor_step_equals_the_per_parameter_step_exactly():
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][key], ref_opt.state[q][key]), key
         assert opt.state[p]["step"] == ref_opt.state[q]["step"]
+
+
+def test_train_steps_hands_on_step_the_optimizer_step_time_alone(monkeypatch):
+    """opt_dt is sync.step()'s time on the host clock (CPU), not the micro-steps' or the schedule's: a fake clock
+    moves 1 s per micro-step, 0.5 s in the schedule and 0.25 s (0.75 s at the second step) inside sync.step()."""
+    from types import SimpleNamespace
+
+    from nanochat import train_loop
+    now = [0.0]
+    clock = lambda: now[0]
+    monkeypatch.setattr(train_loop, "time", SimpleNamespace(time=clock, perf_counter=clock))
+
+    class Sync:
+        def step(self):
+            now[0] += 0.25 if not seen else 0.75
+
+        def synchronize(self):
+            pass
+
+        def global_view(self):
+            return contextlib.nullcontext()
+
+    def micro_step(x, y):
+        now[0] += 1.0
+        return torch.ones((), requires_grad=True)
+
+    def schedule(step):
+        now[0] += 0.5
+        return 1.0
+
+    seen = []
+    train_loop.train_steps(Sync(), 0, 2, 3, micro_step, lambda: (None, None), schedule, device_type="cpu",
+                           at_checkpoint=lambda step, at: None, on_step=lambda *args: seen.append(args[3:]))
+    assert seen == [(3.75, 0.25), (4.25, 0.75)]
