@@ -91,7 +91,7 @@ def _add_scaled_(xs, ys, scale):
     """xs[i] += scale * ys[i]. A Python scale goes in as alpha (one fused multiply-add, as Muon always did); a 0-d
     tensor (the compiled step's scalars: a float alpha would be baked into the graph) as a multiply."""
     if isinstance(scale, torch.Tensor):
-        torch._foreach_add_(xs, torch._foreach_mul(ys, scale))
+        torch._foreach_add_(xs, [y * scale for y in ys])  # a plain multiply takes a CPU scalar tensor
     else:
         torch._foreach_add_(xs, ys, alpha=scale)
 
