@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's GPU check: one GPU, no network, about 8-9 minutes on an H100 (stages are time-limited). Prints, for d20
 # (vocab 65,536, sequence 2048) trained a few steps with --sync ddp (micro-batch auto), --sync diloco and --sync
-# diloco --outer-device cpu (at the micro-batch auto chose), the peak memory allocated and the MFU; the decode
+# diloco --outer-device cpu (at the micro-batch auto chose), and --sync ddp at 262,144 tokens per step, the peak memory
+# allocated, the MFU and the optimizer step's time; the decode
 # figures of bench_inference (prompt 512 + 512 generated, batch 1 and 8, CUDA graph vs eager, KV cache vs
 # recompute); and a few requests answered by chat_web on the GPU.
 #
@@ -187,6 +188,8 @@ train ddp 420 --sync ddp                                            # --device-b
 batch=$(grep -oE "device-batch-size auto: [0-9]+" "$OUT/train_ddp.log" | grep -oE "[0-9]+$" || echo 16)
 train diloco 150 --sync diloco --diloco-h 2 --device-batch-size "$batch"
 train diloco_outer_cpu 150 --sync diloco --diloco-h 2 --outer-device cpu --device-batch-size "$batch"
+# MFU at 4x the tokens per step (more micro-steps per optimizer step: the optimizer's share of a step shrinks)
+train ddp_262k 150 --sync ddp --total-batch-size 262144 --device-batch-size "$batch"
 
 # 2. decoding at d20 (random weights): graph vs eager, KV cache vs recompute; fails if a path's teacher-forced logits
 #    differ from GPT.forward's KV cache beyond bf16 rounding (greedy tokens of random weights are only reported)
@@ -250,14 +253,15 @@ pipeline_part() {
 [ "$MODE" = d20 ] || pipeline_part
 
 # Summary: the d20 arms' peak memory, and MFU and tokens/s over the steps after the first two (which include compilation), as
-# total tokens over total time: a DiLoCo arm's outer steps (every second step here) count in full
+# total tokens over total time: a DiLoCo arm's outer steps (every second step here) count in full; the median
+# optimizer step (sync.step(), CUDA events) over the same steps
 "$PY" - "$OUT" "$MODE" <<'EOF' | tee "$OUT/summary.txt"
 import re, statistics, sys
 out, mode = sys.argv[1], sys.argv[2]
 print(open(f"{out}/device.txt").read().strip())
 if mode != "pipeline":
-    print(f"{'arm':<22} {'batch':>5} {'peak allocated':>15} {'MFU':>7} {'tok/s':>9}")
-for arm in ("ddp", "diloco", "diloco_outer_cpu") if mode != "pipeline" else ():
+    print(f"{'arm':<22} {'batch':>5} {'peak allocated':>15} {'MFU':>7} {'tok/s':>9} {'opt ms':>7}")
+for arm in ("ddp", "diloco", "diloco_outer_cpu", "ddp_262k") if mode != "pipeline" else ():
     try:
         log = open(f"{out}/train_{arm}.log").read()
     except FileNotFoundError:
@@ -267,7 +271,10 @@ for arm in ("ddp", "diloco", "diloco_outer_cpu") if mode != "pipeline" else ():
     steps = re.findall(r"tok/s ([\d,]+) \| mfu ([\d.]+)%", log)[2:]
     mfu = f"{statistics.harmonic_mean(float(m) for _, m in steps):.1f}%" if steps else "-"
     tps = f"{statistics.harmonic_mean(int(t.replace(',', '')) for t, _ in steps):,.0f}" if steps else "-"
-    print(f"{arm:<22} {batch[0] if batch else '-':>5} {(peak[0] + ' MiB') if peak else 'failed':>15} {mfu:>7} {tps:>9}")
+    opts = re.findall(r"\| opt (\d+) ms \|", log)[2:]
+    opt = f"{statistics.median(int(o) for o in opts):g}" if opts else "-"
+    print(f"{arm:<22} {batch[0] if batch else '-':>5} {(peak[0] + ' MiB') if peak else 'failed':>15} {mfu:>7} {tps:>9} "
+          f"{opt:>7}")
 if mode == "d20":
     sys.exit()
 try:  # the pipeline part: each stage's outcome and seconds, then each arm's figures (micro model: only that they exist)

@@ -87,63 +87,114 @@ def normalized_per_neuron(U, buf, beta2):
     return scaled * (norm_before / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
+def _add_scaled_(xs, ys, scale):
+    """xs[i] += scale * ys[i]. A Python scale goes in as alpha (one fused multiply-add, as Muon always did); a 0-d
+    tensor (the compiled step's scalars: a float alpha would be baked into the graph) as a multiply."""
+    if isinstance(scale, torch.Tensor):
+        torch._foreach_add_(xs, [y * scale for y in ys])  # a plain multiply takes a CPU scalar tensor
+    else:
+        torch._foreach_add_(xs, ys, alpha=scale)
+
+
+def muon_shape_group_step(params, grads, momentum_buffer, second_momentum, lr, weight_decay, momentum, beta2,
+                          nesterov, ortho, ns_steps):
+    """One Muon step for n same-shape matrices, one function so that torch.compile makes it one fused step per
+    shape group. params, grads: lists of n (rows, cols) tensors; momentum_buffer (n, rows, cols) and
+    second_momentum (NorMuon's (n, rows, 1) or (n, 1, cols); None without it) are updated in place. lr (already
+    scaled for the shape), weight_decay (None: none), momentum, beta2 (None: no NorMuon): Python floats, or 0-d
+    tensors when compiled, so that a changing schedule does not recompile."""
+    update = torch.stack(grads)  # the step's one copy of the gradients (fused into the lerps when compiled)
+    momentum_buffer.lerp_(update, 1 - momentum)
+    if nesterov:
+        update.lerp_(momentum_buffer, momentum)  # in place on the copy: no further allocation
+    else:
+        update = momentum_buffer  # orthogonalisation reads it and never writes it
+    u = ORTHO[ortho](update, ns_steps)
+    if beta2 is not None:
+        u = normalized_per_neuron(u, second_momentum, beta2)
+    us = list(u.to(params[0].dtype).unbind(0))
+    if weight_decay is not None:  # cautious: only where the update and the weight agree in sign
+        _add_scaled_(params, [p * ((u_p * p) >= 0) for p, u_p in zip(params, us)], -lr * weight_decay)
+    _add_scaled_(params, us, -lr)
+
+
+_compiled_step = None
+
+
+def _group_step(compile):
+    """muon_shape_group_step, wrapped by torch.compile once per process when asked (its cache then holds one graph
+    per shape group)."""
+    global _compiled_step
+    if not compile:
+        return muon_shape_group_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(muon_shape_group_step, dynamic=False, fullgraph=True)
+    return _compiled_step
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum SGD whose update for each matrix is orthogonalised and scaled by
     sqrt(max(1, rows/cols)). For 2D parameters only.
     ortho: "ns5" (the quintic Newton-Schulz of nanochat's first release) or "polar" (Polar Express).
     beta2: None, or NorMuon's per-neuron normalisation with this running-average coefficient.
-    weight_decay: cautious decoupled decay, p -= lr * wd * p only where the update and p agree in sign."""
+    weight_decay: cautious decoupled decay, p -= lr * wd * p only where the update and p agree in sign.
+
+    State is kept stacked per shape group, one (n, rows, cols) momentum tensor and one NorMuon tensor, updated in
+    place; each parameter's state["momentum_buffer"] / ["second_momentum"] is a view (a slice) of them, so
+    state_dict() keeps the per-parameter format of earlier versions and either version loads the other's.
+    compile: torch.compile the per-shape-group step; None (the default) does when the parameters are on CUDA."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ortho="ns5", beta2=None,
-                 weight_decay=0.0, process_group=None):
+                 weight_decay=0.0, process_group=None, compile=None):
         if ortho not in ORTHO:
             raise ValueError(f"Muon ortho must be one of {sorted(ORTHO)}, not {ortho!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ortho=ortho,
                                       beta2=beta2, weight_decay=weight_decay))
-        self.process_group = process_group
+        self.process_group, self.compile = process_group, compile
+        self._stacks = {}
+
+    def __setstate__(self, state):  # also the end of load_state_dict: the loaded per-parameter state restacks
+        super().__setstate__(state)
+        self._stacks = {}
+
+    def _stacked(self, params, key, fresh):
+        """The (n, ...) tensor whose slices are these parameters' state[key]. Stacked again only when an entry is
+        missing or is no longer our slice (the first step, after load_state_dict or a replaced entry): once,
+        not every step."""
+        cache_key = (key, tuple(map(id, params)))
+        stack, views = self._stacks.get(cache_key, (None, ()))
+        if stack is None or any(self.state[p].get(key) is not v for p, v in zip(params, views)):
+            stack = torch.stack([self.state[p][key] if key in self.state[p] else fresh(p) for p in params])
+            views = stack.unbind(0)
+            for p, v in zip(params, views):
+                self.state[p][key] = v
+            self._stacks[cache_key] = (stack, views)
+        return stack
 
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "closures are not supported"
         _averaged_grads(self)
         for group in self.param_groups:
-            momentum = group["momentum"]
             by_shape = defaultdict(list)  # same-shape matrices are orthogonalised as one batch
             for p in group["params"]:
                 by_shape[p.shape].append(p)
+            beta2 = group.get("beta2")  # .get: optimizer states saved before these options existed load without them
             for shape, params in by_shape.items():
-                # one multi-tensor kernel per operation over the shape group (on CUDA; a loop on CPU, same
-                # arithmetic), the Nesterov update written straight into the stack that is orthogonalised
-                grads = [p.grad for p in params]
-                for p in params:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-                bufs = [self.state[p]["momentum_buffer"] for p in params]
-                torch._foreach_lerp_(bufs, grads, 1 - momentum)
-                if group["nesterov"]:
-                    updates = torch.empty((len(params), *shape), dtype=grads[0].dtype, device=grads[0].device)
-                    for i, (g, buf) in enumerate(zip(grads, bufs)):
-                        torch.lerp(g, buf, momentum, out=updates[i])
-                else:
-                    updates = torch.stack(bufs)
-                # .get: optimizer states saved before these options existed load without them
-                ortho = ORTHO[group.get("ortho", "ns5")](updates, group["ns_steps"])
-                if group.get("beta2") is not None:
-                    for p in params:
-                        if "second_momentum" not in self.state[p]:
-                            side = (shape[-2], 1) if shape[-2] >= shape[-1] else (1, shape[-1])
-                            self.state[p]["second_momentum"] = torch.zeros(side, device=p.device, dtype=torch.float32)
-                    seconds = [self.state[p]["second_momentum"] for p in params]
-                    stacked = torch.stack(seconds)
-                    ortho = normalized_per_neuron(ortho, stacked, group["beta2"])
-                    torch._foreach_copy_(seconds, list(stacked.unbind(0)))
-                lr = group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5
+                momentum_buffer = self._stacked(params, "momentum_buffer", lambda p: torch.zeros_like(p.grad))
+                second_momentum = None
+                if beta2 is not None:
+                    side = (shape[-2], 1) if shape[-2] >= shape[-1] else (1, shape[-1])
+                    second_momentum = self._stacked(params, "second_momentum",
+                                                    lambda p: torch.zeros(side, device=p.device, dtype=torch.float32))
+                compile = self.compile if self.compile is not None else params[0].is_cuda
+                scalar = (lambda x: torch.tensor(x, dtype=torch.float32)) if compile else (lambda x: x)
                 wd = group.get("weight_decay", 0.0)
-                us = [u.to(p.dtype) for p, u in zip(params, ortho.unbind(0))]
-                if wd:
-                    for p, u in zip(params, us):
-                        p.sub_(p * ((u * p) >= 0), alpha=lr * wd)
-                torch._foreach_add_(params, us, alpha=-lr)
+                _group_step(compile)(params, [p.grad for p in params], momentum_buffer, second_momentum,
+                                     scalar(group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5),
+                                     scalar(wd) if wd else None, scalar(group["momentum"]),
+                                     None if beta2 is None else scalar(beta2), group["nesterov"],
+                                     group.get("ortho", "ns5"), group["ns_steps"])
 
 
 class AdamW(torch.optim.Optimizer):

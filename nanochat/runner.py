@@ -29,6 +29,7 @@ from nanochat.common import (UsageError, autocast_context, autodetect_device_typ
                              init_wandb, print0)
 from nanochat.dataloader import fresh_loader_state, global_loader_state
 from nanochat.memory import explain_out_of_memory
+from nanochat.optim import Muon
 from nanochat.report import get_report
 from nanochat.stage import check_stage
 from nanochat.train_loop import (MetricsLog, bytes_across_workers, choose_device_batch_size, data_position,
@@ -93,6 +94,9 @@ class StageRun:
             scale_initial_lrs(self.optimizers, init_lr_frac)
         self.sync = self.sync_lib.make_sync(self.sync_config, model, self.optimizers, self.groups)
         use_compile = self.config.compile == 1 or (self.config.compile == -1 and self.device_type == "cuda")
+        for opt in self.optimizers:
+            if isinstance(opt, Muon):
+                opt.compile = use_compile  # its per-shape-group step, with the model
         return torch.compile(model, dynamic=False) if use_compile else model
 
     def device_batch(self, batch_size, largest, rows_per_rank, micro_step, seq_len):
@@ -129,7 +133,8 @@ class StageRun:
     def train(self, loader, micro_step, grad_accum_steps, schedule, evaluate, progress, sample=None, stage_meta=None):
         """train_loop.train_steps over `loader` (yields x, y, its state after the batch). evaluate() -> val bpb, on
         theta_global, every rank; sample() on rank 0; stage_meta(step) -> the stage's own checkpoint metadata;
-        progress(step, loss, lrm, dt) prints the step's line and returns extra fields for its metrics record.
+        progress(step, loss, lrm, dt, opt_dt) prints the step's line (opt_dt: sync.step()'s seconds) and returns
+        extra fields for its metrics record.
         -> (the last step reached, its plan)."""
 
         def next_batch():
@@ -152,11 +157,12 @@ class StageRun:
             if at.save:
                 self.save(step, stage_meta(step) if stage_meta else {})
 
-        def on_step(step, loss, lrm, dt):
+        def on_step(step, loss, lrm, dt, opt_dt):
             self.seconds += dt
             loss_value = loss.item()  # this rank's last micro-batch loss: no extra communication just to log
-            extra = progress(step, loss_value, lrm, dt) or {}
-            self.metrics.log({"step": step + 1, "loss": loss_value, "lrm": lrm, "dt": dt, **extra,
+            extra = progress(step, loss_value, lrm, dt, opt_dt) or {}
+            self.metrics.log({"step": step + 1, "loss": loss_value, "lrm": lrm, "dt": dt, "opt_seconds": opt_dt,
+                              **extra,
                               "outer_wait_seconds": self.sync.wait_seconds})
 
         return train_steps(self.sync, self.start_step, self.num_steps, grad_accum_steps, micro_step, next_batch,

@@ -15,6 +15,8 @@ import os
 import time
 from types import SimpleNamespace
 
+import torch
+
 from nanochat.common import UsageError, device_synchronize, print0
 from nanochat.memory import (batch_size_arg, candidate_batch_sizes, explain_out_of_memory, find_device_batch_size,
                              training_step_trial)
@@ -168,6 +170,31 @@ def bytes_across_workers(sync, stats):
     return stats[sync.across_workers]["bytes"]
 
 
+class StepTimer:
+    """Seconds between start() and stop(), read with seconds() once the device has been synchronised: CUDA events
+    on CUDA (recorded on the stream, so timing adds no host sync of its own), the host clock elsewhere."""
+
+    def __init__(self, device_type):
+        self.cuda = device_type == "cuda"
+        if self.cuda:
+            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+
+    def start(self):
+        if self.cuda:
+            self.events[0].record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self.events[1].record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def seconds(self):
+        return self.events[0].elapsed_time(self.events[1]) / 1000 if self.cuda else self.t1 - self.t0
+
+
 def train_steps(sync, start_step, num_steps, grad_accum_steps, micro_step, next_batch, schedule, *, device_type,
                 resumed=False, stop_after=-1, eval_every=0, sample_every=0, save_every=0, at_checkpoint=None,
                 on_step=None, backward=None):
@@ -176,9 +203,10 @@ def train_steps(sync, start_step, num_steps, grad_accum_steps, micro_step, next_
     of micro_step(*next_batch()) (the loss divided by grad_accum_steps is backpropagated), or, for a stage that makes
     its data inside the step (chat_rl's rollouts), backward(step) -> loss, having accumulated the gradients itself;
     then schedule(step) -> lr multiplier (it sets the optimizers' lrs), sync.step(); then on_step(step, loss, lrm,
-    dt), dt the step's seconds (device synchronised). The step comes from the sync object after every sync
+    dt, opt_dt), dt the step's seconds (device synchronised), opt_dt those of sync.step() (the optimizers, and
+    DiLoCo's outer exchange on its steps). The step comes from the sync object after every sync
     (loop_step: a healed elastic worker continues at its peers' step). -> (the last step reached, its plan)"""
-    step, at = start_step, None
+    step, at, opt_timer = start_step, None, StepTimer(device_type)
     while True:
         at = plan(step, num_steps, resumed_at=start_step if resumed else None, stop_after=stop_after,
                   eval_every=eval_every, sample_every=sample_every, save_every=save_every)
@@ -196,8 +224,10 @@ def train_steps(sync, start_step, num_steps, grad_accum_steps, micro_step, next_
                 loss = micro_step(*next_batch())
                 (loss / grad_accum_steps).backward()
         lrm = schedule(step)
+        opt_timer.start()
         sync.step()
+        opt_timer.stop()
         device_synchronize(device_type)
-        on_step(step, loss, lrm, time.time() - t0)
+        on_step(step, loss, lrm, time.time() - t0, opt_timer.seconds())
         step = loop_step(step + 1, sync)
     return step, at

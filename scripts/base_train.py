@@ -160,14 +160,15 @@ def main(argv=None):
 
     peak, smooth = peak_flops(run.device), {"loss": 0.0}
 
-    def progress(step, loss, lrm, dt):
+    def progress(step, loss, lrm, dt, opt_dt):
         smooth["loss"] = 0.9 * smooth["loss"] + 0.1 * loss
         debiased = smooth["loss"] / (1 - 0.9 ** (step - run.start_step + 1))
         tok_per_s = args.total_batch_size / dt
         mfu = f"{100 * flops_per_token * tok_per_s / (peak * run.world_size):.1f}%" if peak else "-"
         stats = comm.comm_stats()
         print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.0f} ms | "
-               f"tok/s {tok_per_s:,.0f} | mfu {mfu} | inner {stats.get('inner', {}).get('bytes', 0):,} B | "
+               f"opt {opt_dt * 1000:.0f} ms | tok/s {tok_per_s:,.0f} | mfu {mfu} | "
+               f"inner {stats.get('inner', {}).get('bytes', 0):,} B | "
                f"outer {stats.get('outer', {}).get('bytes', 0):,} B (this rank)")
         return {"tok_per_s": tok_per_s}
 

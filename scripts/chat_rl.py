@@ -193,14 +193,15 @@ def train_rl(model, tokenizer, optimizers, sync, train_task, eval_task, eval_lab
         set_schedule(optimizers, lrm)  # Muon's momentum stays 0.95, as in nanochat's chat_rl (see chat_train.py)
         return lrm
 
-    def on_step(step, loss, lrm, dt):
+    def on_step(step, loss, lrm, dt, opt_dt):
         rewards, lengths = rolled["rewards"], rolled["lengths"]
         mean_reward, mean_length = sum(rewards) / len(rewards), sum(lengths) / len(lengths)
         window.add_(torch.tensor([sum(rewards), len(rewards)], dtype=torch.float64, device=device))
         print0(f"step {step + 1:05d}/{num_steps:05d} | reward {mean_reward:.4f} | loss {loss:+.5f} | "
-               f"length {mean_length:.1f} | lrm {lrm:.2f} | dt {dt * 1000:.0f} ms (this rank)")
+               f"length {mean_length:.1f} | lrm {lrm:.2f} | dt {dt * 1000:.0f} ms | opt {opt_dt * 1000:.0f} ms "
+               "(this rank)")
         record({"step": step + 1, "reward": mean_reward, "informative": rolled["informative"], "loss": loss,
-                "length": mean_length, "dt": dt, "outer_wait_seconds": sync.wait_seconds})
+                "length": mean_length, "dt": dt, "opt_seconds": opt_dt, "outer_wait_seconds": sync.wait_seconds})
 
     # --eval-every 0: evals at the start and the end only
     _, at = train_steps(sync, start_step, num_steps, 1, None, None, schedule, device_type=device.type,

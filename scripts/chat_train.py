@@ -128,11 +128,11 @@ def main(stage, argv=None):
         set_schedule(run.optimizers, lrm, muon_momentum(step) if stage == "mid" else None)
         return lrm
 
-    def progress(step, loss, lrm, dt):
+    def progress(step, loss, lrm, dt, opt_dt):
         n = targets["tokens"].item()  # a loss of 0 then means no target, not a perfect prediction: say which
         shown = f"{loss:.4f}" if n else f"- (no target tokens: the rows end before their answers at {T} tokens)"
         print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {shown} | lrm {lrm:.2f} | "
-               f"epoch {run.loader_state['epoch']} | dt {dt * 1000:.0f} ms")
+               f"epoch {run.loader_state['epoch']} | dt {dt * 1000:.0f} ms | opt {opt_dt * 1000:.0f} ms")
         return {"target_tokens": n}
 
     source = {"source": args.source, "source_tag": source_meta["model_tag"], "source_step": source_meta["step"]}

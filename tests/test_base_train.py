@@ -17,6 +17,8 @@ def final(tag):
     d = checkpoint_dir("base", tag)
     weights, _, meta, _ = load_checkpoint(d, 10, "cpu")
     records = read_metrics(os.path.join(d, "metrics.jsonl"))
+    # each step's record has the optimizer step's time (sync.step(): a DiLoCo outer step included), within the step's
+    assert all(0 < r["opt_seconds"] < r["dt"] for r in records if "loss" in r)
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     bpbs = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
     return weights, meta, losses, bpbs

@@ -121,7 +121,7 @@ def test_rl_stopped_and_resumed_equals_uninterrupted(base_dir, monkeypatch):
             "--eval-every", "2", "--eval-examples", "2", "--init-lr-frac", "0.2", "--seed", "0",
             "--sync", "diloco", "--diloco-h", "3"]
     ckpt = checkpoint_dir("rl", TAG)
-    timings = ("dt", "outer_wait_seconds")
+    timings = ("dt", "opt_seconds", "outer_wait_seconds")
 
     def finished_run(ckpt):
         state, _, _, _ = load_checkpoint(ckpt, 6, "cpu")

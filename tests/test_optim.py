@@ -1,3 +1,4 @@
+import contextlib
 import io
 import os
 
@@ -358,22 +359,98 @@ def _same_grads(a, b, g):
         q.grad = p.grad.clone()
 
 
-@pytest.mark.parametrize("nesterov,ortho,beta2,weight_decay", [(True, "ns5", None, 0.0), (True, "polar", 0.9, 0.1),
-                                                               (False, "ns5", 0.95, 0.0)])
-def test_muon_multi_tensor_step_equals_the_per_parameter_step_exactly(nesterov, ortho, beta2, weight_decay):
-    shapes = [(24, 8), (8, 24), (24, 8), (16, 16), (8, 24), (24, 8)]  # three shape groups, tall, wide and square
-    ours, ref = _twin_params(shapes, seed=0)
-    kw = dict(lr=0.05, momentum=0.9, nesterov=nesterov, ortho=ortho, beta2=beta2, weight_decay=weight_decay)
-    opt, ref_opt = Muon(ours, **kw), _OldMuon(ref, **kw)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        _same_grads(ours, ref, g)
-        opt.step()
-        ref_opt.step()
+MUON_SHAPES = [(24, 8), (8, 24), (24, 8), (16, 16), (8, 24), (24, 8)]  # three shape groups: tall, wide, square
+
+
+def _muon_steps(opts, params, g, steps, start=0):
+    """`steps` steps of every optimizer in opts on the same random gradients, under a schedule that moves lr,
+    momentum and weight decay every step (as base_train's does)."""
+    for i in range(start, start + steps):
+        grads = [torch.randn(p.shape, generator=g) for p in params[0]]
+        for opt, ps in zip(opts, params):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+            group = opt.param_groups[0]
+            group.update(lr=0.05 * (1 - i / 10), momentum=0.85 + 0.02 * i,
+                         weight_decay=group["initial_weight_decay"] * (1 - i / 10))
+            opt.step()
+
+
+def _assert_same_muon(opt, ours, ref_opt, ref):
     for p, q in zip(ours, ref):
         assert torch.equal(p, q)
+        assert opt.state[p].keys() == ref_opt.state[q].keys()
         for key, value in ref_opt.state[q].items():
             assert torch.equal(opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("beta2", [None, 0.9])
+@pytest.mark.parametrize("ortho", ["ns5", "polar"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_stacked_step_equals_the_per_parameter_step_exactly(nesterov, ortho, beta2, weight_decay):
+    """Every option, five steps under a moving schedule: parameters and state equal to the bit."""
+    ours, ref = _twin_params(MUON_SHAPES, seed=0)
+    kw = dict(lr=0.05, momentum=0.9, nesterov=nesterov, ortho=ortho, beta2=beta2, weight_decay=weight_decay)
+    opt, ref_opt = Muon(ours, **kw), _OldMuon(ref, **kw)
+    for o in (opt, ref_opt):
+        o.param_groups[0]["initial_weight_decay"] = weight_decay
+    _muon_steps([opt, ref_opt], [ours, ref], torch.Generator().manual_seed(1), 5)
+    _assert_same_muon(opt, ours, ref_opt, ref)
+    assert not torch.equal(ours[0], _twin_params(MUON_SHAPES, seed=0)[0][0])  # and the steps did move the weights
+
+
+@pytest.mark.parametrize("old_saves", [True, False])
+def test_muon_state_dicts_load_across_the_per_parameter_and_stacked_versions_and_continue_exactly(old_saves):
+    """A checkpoint of the per-parameter optimizer (separate tensors per parameter) loads into the stacked one and
+    continues exactly as the per-parameter one would, and the stacked one's checkpoint loads into the old one."""
+    kw = dict(lr=0.05, momentum=0.9, nesterov=True, ortho="polar", beta2=0.9, weight_decay=0.1)
+    make = [lambda ps: _OldMuon(ps, **kw), lambda ps: Muon(ps, **kw)]
+    saver, loader = (make[0], make[1]) if old_saves else (make[1], make[0])
+    g = torch.Generator().manual_seed(1)
+    ours, ref = _twin_params(MUON_SHAPES, seed=0)
+    first = saver(ours)
+    first.param_groups[0]["initial_weight_decay"] = 0.1
+    _muon_steps([first], [ours], g, 2)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    with torch.no_grad():
+        for p, q in zip(ours, ref):
+            q.copy_(p)
+    second = loader(ref)
+    second.load_state_dict(torch.load(buf))
+    _muon_steps([first, second], [ours, ref], g, 3, start=2)
+    _assert_same_muon(first, ours, second, ref)
+
+
+def test_muon_keeps_its_state_stacked_and_steps_it_in_place():
+    """After the first step each parameter's state is a slice of one tensor per shape group, and later steps update
+    those same tensors where they are: no per-step stack or copy back. A replaced entry (load_state_dict, or a user
+    resetting a buffer) is taken up at the next step."""
+    params, _ = _twin_params(MUON_SHAPES, seed=0)
+    opt = Muon(params, lr=0.05, momentum=0.9, beta2=0.9)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    keys = ("momentum_buffer", "second_momentum")
+    before = {(i, k): (opt.state[p][k], opt.state[p][k].data_ptr()) for i, p in enumerate(params) for k in keys}
+    for k in keys:
+        for group in ([0, 2, 5], [1, 4], [3]):  # the shape groups
+            storages = {opt.state[params[i]][k].untyped_storage().data_ptr() for i in group}
+            assert len(storages) == 1, k  # one stacked tensor per shape group
+            assert [opt.state[params[i]][k].storage_offset() for i in group] == \
+                [j * opt.state[params[group[0]]][k].numel() for j in range(len(group))]
+    opt.step()
+    for (i, k), (tensor, ptr) in before.items():
+        assert opt.state[params[i]][k] is tensor and tensor.data_ptr() == ptr
+    assert torch.equal(opt.state[params[0]]["momentum_buffer"], torch.full((24, 8), 0.19))  # 0.1 then 0.1 + 0.9 * 0.1
+    opt.state[params[0]]["momentum_buffer"] = torch.zeros(24, 8)
+    opt.step()
+    assert torch.equal(opt.state[params[0]]["momentum_buffer"], torch.full((24, 8), 0.1))
+    assert torch.equal(opt.state[params[2]]["momentum_buffer"], torch.full((24, 8), 0.271))
+    assert opt.state[params[0]]["momentum_buffer"].untyped_storage().data_ptr() == \
+        opt.state[params[2]]["momentum_buffer"].untyped_storage().data_ptr()
 
 
 def test_adamw_multi_tensor_step_equals_the_per_parameter_step_exactly():
@@ -397,3 +474,37 @@ def test_adamw_multi_tensor_step_equals_the_per_parameter_step_exactly():
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][key], ref_opt.state[q][key]), key
         assert opt.state[p]["step"] == ref_opt.state[q]["step"]
+
+
+def test_train_steps_hands_on_step_the_optimizer_step_time_alone(monkeypatch):
+    """opt_dt is sync.step()'s time on the host clock (CPU), not the micro-steps' or the schedule's: a fake clock
+    moves 1 s per micro-step, 0.5 s in the schedule and 0.25 s (0.75 s at the second step) inside sync.step()."""
+    from types import SimpleNamespace
+
+    from nanochat import train_loop
+    now = [0.0]
+    clock = lambda: now[0]
+    monkeypatch.setattr(train_loop, "time", SimpleNamespace(time=clock, perf_counter=clock))
+
+    class Sync:
+        def step(self):
+            now[0] += 0.25 if not seen else 0.75
+
+        def synchronize(self):
+            pass
+
+        def global_view(self):
+            return contextlib.nullcontext()
+
+    def micro_step(x, y):
+        now[0] += 1.0
+        return torch.ones((), requires_grad=True)
+
+    def schedule(step):
+        now[0] += 0.5
+        return 1.0
+
+    seen = []
+    train_loop.train_steps(Sync(), 0, 2, 3, micro_step, lambda: (None, None), schedule, device_type="cpu",
+                           at_checkpoint=lambda step, at: None, on_step=lambda *args: seen.append(args[3:]))
+    assert seen == [(3.75, 0.25), (4.25, 0.75)]
