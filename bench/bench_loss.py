@@ -97,8 +97,9 @@ def saved_for_backward(model, idx, targets, autocast=True, cuda_policy=False):
     "weight copies"} ("weight copies": autocast's bf16 casts of the weights, a fixed cost; "rotary": the tables'
     rows, per position, not per sequence; the rest scale with tokens). Parameters saved as they are cost nothing
     extra and are left out. The model and tensors may be fake (FakeTensorMode): nothing is computed.
-    The training loss recomputes its logits chunk by chunk, so what it keeps is its input: the caller should
-    make the chunk smaller than the batch (LOSS_CHUNK_BYTES) to measure it as it is at scale."""
+    The training loss recomputes its logits chunk by chunk, keeping only its inputs (the checkpoint saves them
+    through these hooks): the caller should make the chunk smaller than the batch (LOSS_CHUNK_BYTES) to measure
+    it as it is at scale."""
     import nanochat.gpt as gpt
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     weight_shapes = {tuple(p.shape) for p in model.parameters() if p.ndim == 2}
@@ -135,19 +136,22 @@ def saved_for_backward(model, idx, targets, autocast=True, cuda_policy=False):
             hooks.append(module.register_forward_pre_hook(enter(kind)))
             hooks.append(module.register_forward_hook(leave))
     hooks.append(model.transformer.h[-1].register_forward_hook(lambda module, args, output: where.append("loss") and None))
-    loss_fn = gpt.softcapped_cross_entropy
+    norm_fn = gpt.norm
 
-    def loss_keeping_input(x, weight, targets, chunk_rows=None):  # checkpointed chunks keep x itself, not via hooks
-        file(x, "loss")
-        return loss_fn(x, weight, targets, chunk_rows)
+    def norm_filed(x, *args):  # an autograd.Function is no torch function: name the norm's saves here
+        outer, recorder.op = recorder.op, "rms_norm"
+        try:
+            return norm_fn(x, *args)
+        finally:
+            recorder.op = outer
 
-    gpt.softcapped_cross_entropy = loss_keeping_input
+    gpt.norm = norm_filed
     try:
         with recorder, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(idx, targets)
     finally:
-        gpt.softcapped_cross_entropy = loss_fn
+        gpt.norm = norm_fn
         for h in hooks:
             h.remove()
     del loss
@@ -179,10 +183,10 @@ def saved_report(depth, vocab_size, batch_size, sequence_len, target_tokens, cud
         model = gpt.GPT(cfg)
         rows = []
         for T in (sequence_len // 2, sequence_len):
-            idx = torch.zeros(batch_size, T, dtype=torch.long)
+            idx, targets = (torch.zeros(batch_size, T, dtype=torch.long) for _ in range(2))
             gpt.LOSS_CHUNK_BYTES = 4 * vocab_size * max(1, batch_size * T // 4)  # chunked, as at scale
             try:
-                rows.append(saved_for_backward(model, idx, idx, cuda_policy=cuda_policy))
+                rows.append(saved_for_backward(model, idx, targets, cuda_policy=cuda_policy))
             finally:
                 gpt.LOSS_CHUNK_BYTES = chunk_bytes
         static = static_bytes(model)
