@@ -12,6 +12,7 @@ are timed and the best is kept.
 
     python -m bench.bench_loss --saved                        # activation memory of d20 (an estimate, see below)
     python -m bench.bench_loss --saved --cuda-policy 0        # ... with CPU autocast's op policy as it is
+    python -m bench.bench_loss --saved --compiled             # ... and what the compiled model keeps (~1 min)
 
 --saved counts the bytes autograd keeps for backward after one forward of the d20 config (vocab 65,536) under bf16
 autocast, per token, by where they are saved (attention, MLP, norms, embedding, loss), on fake tensors (shapes
@@ -20,7 +21,10 @@ log-sum-exp, as flash attention does), so per-token figures carry over to 2048 t
 (equal per-token figures). With params, optimizer state and the loss's transient it estimates the peak of a
 65,536-token (32 x 2048) training step. It is an ESTIMATE of eager PyTorch: on the GPU the model is compiled,
 and Inductor chooses what to keep (often less: it recomputes cheap pointwise ops), and the CUDA autocast
-policy differs from the CPU's (--cuda-policy 1, the default, emulates the ops where it matters).
+policy differs from the CPU's (--cuda-policy 1, the default, emulates the ops where it matters). --compiled
+runs AOTAutograd with Inductor's decompositions and partitioner on real CPU tensors at 1 and 2 layers of d20's
+width and counts what the backward graph takes from the forward: the partitioner's choices, though not CUDA
+autocast's policy nor the CUDA caching allocator's overhead.
 """
 
 import argparse
@@ -216,6 +220,60 @@ def saved_report(depth, vocab_size, batch_size, sequence_len, target_tokens, cud
     return per_token, peak
 
 
+def compiled_saved(depth, vocab_size, sequence_len, width_depth=20):
+    """(activation bytes, weight-copy bytes) the COMPILED training forward keeps for backward: the model (width of
+    d{width_depth}, `depth` layers) through AOTAutograd with Inductor's decompositions and min-cut partitioner (what
+    torch.compile does on the GPU, but run eagerly here on CPU under bf16 autocast, with CPU autocast's op policy),
+    at batch 1 x sequence_len; the backward graph's inputs other than parameters, inputs and incoming gradients
+    are what is kept. Real tensors: d20 width costs about 30 s per layer count on one CPU thread."""
+    import nanochat.gpt as gpt
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+    kept = []
+
+    def backward_inputs(gm, example_inputs):
+        kept.extend(n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"
+                    and not n.name.startswith(("tangents", "primals")) and isinstance(n.meta.get("val"), torch.Tensor))
+        return make_boxed_func(gm)
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=lambda g, _: make_boxed_func(g), bw_compiler=backward_inputs,
+                                     partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
+
+    cfg = gpt.config_from_depth(width_depth, vocab_size, max(sequence_len, 2048))
+    cfg.n_layer = depth
+    torch.manual_seed(0)
+    model = gpt.GPT(cfg)
+    model.init_weights()
+    idx, targets = (torch.randint(0, vocab_size, (1, sequence_len)) for _ in range(2))
+    chunk_bytes, gpt.LOSS_CHUNK_BYTES = gpt.LOSS_CHUNK_BYTES, 4 * vocab_size * (sequence_len // 4)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.compile(model, backend=backend, fullgraph=True)(idx, targets)
+        loss.backward()
+    finally:
+        gpt.LOSS_CHUNK_BYTES = chunk_bytes
+        torch._dynamo.reset()
+    per_token = sum(t.numel() * t.element_size() for t in kept if sequence_len in t.shape or sequence_len // 4 in t.shape)
+    return per_token, sum(t.numel() * t.element_size() for t in kept) - per_token
+
+
+def compiled_report(vocab_size, sequence_len, target_tokens, peak):
+    """Per-token bytes kept by the compiled model at 1 and 2 layers of d20's width, extrapolated to 20 layers;
+    the estimated peak is saved_report's with these activations and weight copies in place of the eager ones."""
+    (a1, w1), (a2, w2) = (compiled_saved(d, vocab_size, sequence_len) for d in (1, 2))
+    layer, rest = (a2 - a1) / sequence_len, (2 * a1 - a2) / sequence_len
+    total = rest + 20 * layer
+    print(f"ESTIMATE: compiled (AOTAutograd + Inductor's partitioner, CPU autocast policy), d20 width, vocab {vocab_size:,}:")
+    print(f"  per layer {layer / 1024:.1f} KiB/token, outside the layers {rest / 1024:.1f} KiB/token, "
+          f"20 layers {total / 1024:.1f} KiB/token -> {total * target_tokens / 2 ** 30:.2f} GiB at {target_tokens:,} tokens; "
+          f"bf16 weight copies {(w1 + 19 * (w2 - w1)) / 2 ** 30:.2f} GiB")
+    peak = {k: v for k, v in peak.items() if not k.startswith(("activations", "weight copies"))}
+    peak_total = sum(peak.values()) + total * target_tokens + w1 + 19 * (w2 - w1)
+    print(f"  estimated peak of a compiled training step at {target_tokens:,} tokens: {peak_total / 2 ** 30:.2f} GiB")
+
+
 def main():
     parser = argparse.ArgumentParser(description="Peak-RSS rise and time of one forward + backward (the loss's transient)")
     parser.add_argument("--depth", type=int, default=None, help="default 1 (20 with --saved)")
@@ -227,12 +285,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="timed steps after the measured one")
     parser.add_argument("--saved", action="store_true", help="activation memory: bytes saved for backward per token")
     parser.add_argument("--cuda-policy", type=int, default=1, help="with --saved: 1 = emulate CUDA autocast's fp32 ops")
+    parser.add_argument("--compiled", action="store_true", help="with --saved: also what the compiled model keeps "
+                        "(about a minute)")
     parser.add_argument("--target-tokens", type=int, default=32 * 2048, help="with --saved: tokens of the estimated step")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.saved:
-        saved_report(args.depth or 20, args.vocab_size, args.batch_size or 1, args.sequence_len or 256,
-                     args.target_tokens, bool(args.cuda_policy))
+        _, peak = saved_report(args.depth or 20, args.vocab_size, args.batch_size or 1, args.sequence_len or 256,
+                               args.target_tokens, bool(args.cuda_policy))
+        if args.compiled:
+            compiled_report(args.vocab_size, args.sequence_len or 256, args.target_tokens, peak)
         return
     args.depth, args.batch_size, args.sequence_len = args.depth or 1, args.batch_size or 8, args.sequence_len or 2048
     shape = (args.depth, args.vocab_size, args.batch_size, args.sequence_len)
