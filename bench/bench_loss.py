@@ -220,12 +220,14 @@ def saved_report(depth, vocab_size, batch_size, sequence_len, target_tokens, cud
     return per_token, peak
 
 
-def compiled_saved(depth, vocab_size, sequence_len, width_depth=20):
+def compiled_saved(depth, vocab_size, sequence_len, width_depth=20, recompute_materialized=False):
     """(activation bytes, weight-copy bytes) the COMPILED training forward keeps for backward: the model (width of
     d{width_depth}, `depth` layers) through AOTAutograd with Inductor's decompositions and min-cut partitioner (what
     torch.compile does on the GPU, but run eagerly here on CPU under bf16 autocast, with CPU autocast's op policy),
     at batch 1 x sequence_len; the backward graph's inputs other than parameters, inputs and incoming gradients
-    are what is kept. Real tensors: d20 width costs about 30 s per layer count on one CPU thread."""
+    are what is kept. Real tensors: d20 width costs about 30 s per layer count on one CPU thread.
+    recompute_materialized: let the partitioner recompute in backward what backward materialises anyway (relu^2
+    for c_proj's weight gradient, the bf16 weight casts), which by default it keeps (a speed choice)."""
     import nanochat.gpt as gpt
     from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -249,7 +251,8 @@ def compiled_saved(depth, vocab_size, sequence_len, width_depth=20):
     idx, targets = (torch.randint(0, vocab_size, (1, sequence_len)) for _ in range(2))
     chunk_bytes, gpt.LOSS_CHUNK_BYTES = gpt.LOSS_CHUNK_BYTES, 4 * vocab_size * (sequence_len // 4)
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch._functorch.config.patch(ban_recompute_materialized_backward=not recompute_materialized), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
             loss = torch.compile(model, backend=backend, fullgraph=True)(idx, targets)
         loss.backward()
     finally:
@@ -259,13 +262,16 @@ def compiled_saved(depth, vocab_size, sequence_len, width_depth=20):
     return per_token, sum(t.numel() * t.element_size() for t in kept) - per_token
 
 
-def compiled_report(vocab_size, sequence_len, target_tokens, peak):
+def compiled_report(vocab_size, sequence_len, target_tokens, peak, recompute_materialized=False):
     """Per-token bytes kept by the compiled model at 1 and 2 layers of d20's width, extrapolated to 20 layers;
     the estimated peak is saved_report's with these activations and weight copies in place of the eager ones."""
-    (a1, w1), (a2, w2) = (compiled_saved(d, vocab_size, sequence_len) for d in (1, 2))
+    (a1, w1), (a2, w2) = (compiled_saved(d, vocab_size, sequence_len, recompute_materialized=recompute_materialized)
+                          for d in (1, 2))
     layer, rest = (a2 - a1) / sequence_len, (2 * a1 - a2) / sequence_len
     total = rest + 20 * layer
-    print(f"ESTIMATE: compiled (AOTAutograd + Inductor's partitioner, CPU autocast policy), d20 width, vocab {vocab_size:,}:")
+    knob = ", ban_recompute_materialized_backward off" if recompute_materialized else ""
+    print(f"ESTIMATE: compiled (AOTAutograd + Inductor's partitioner{knob}, CPU autocast policy), d20 width, "
+          f"vocab {vocab_size:,}:")
     print(f"  per layer {layer / 1024:.1f} KiB/token, outside the layers {rest / 1024:.1f} KiB/token, "
           f"20 layers {total / 1024:.1f} KiB/token -> {total * target_tokens / 2 ** 30:.2f} GiB at {target_tokens:,} tokens; "
           f"bf16 weight copies {(w1 + 19 * (w2 - w1)) / 2 ** 30:.2f} GiB")
@@ -287,6 +293,8 @@ def main():
     parser.add_argument("--cuda-policy", type=int, default=1, help="with --saved: 1 = emulate CUDA autocast's fp32 ops")
     parser.add_argument("--compiled", action="store_true", help="with --saved: also what the compiled model keeps "
                         "(about a minute)")
+    parser.add_argument("--recompute-materialized", type=int, default=0, help="with --compiled: 1 = let the "
+                        "partitioner recompute what backward materialises anyway (torch._functorch.config)")
     parser.add_argument("--target-tokens", type=int, default=32 * 2048, help="with --saved: tokens of the estimated step")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -294,7 +302,8 @@ def main():
         _, peak = saved_report(args.depth or 20, args.vocab_size, args.batch_size or 1, args.sequence_len or 256,
                                args.target_tokens, bool(args.cuda_policy))
         if args.compiled:
-            compiled_report(args.vocab_size, args.sequence_len or 256, args.target_tokens, peak)
+            compiled_report(args.vocab_size, args.sequence_len or 256, args.target_tokens, peak,
+                            bool(args.recompute_materialized))
         return
     args.depth, args.batch_size, args.sequence_len = args.depth or 1, args.batch_size or 8, args.sequence_len or 2048
     shape = (args.depth, args.vocab_size, args.batch_size, args.sequence_len)
