@@ -88,8 +88,59 @@ def config_from_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim
                      n_kv_head=n_kv_head or n_head, n_embd=n_embd)
 
 
-def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+def norm(x, scale=1.0):
+    """RMS norm over the last dimension (no weight), times scale. Under autocast (CUDA training) _RMSNorm, which
+    keeps less for backward; without (CPU, fp32) plain F.rms_norm, so CPU results are what they were."""
+    if torch.is_autocast_enabled(x.device.type):
+        return _RMSNorm.apply(x, scale, torch.get_autocast_dtype(x.device.type))
+    x = F.rms_norm(x, (x.size(-1),))
+    return x * scale if scale != 1.0 else x
+
+
+class _RMSNorm(torch.autograd.Function):
+    """rms_norm(x) * scale computed in fp32 and returned in `dtype` (bf16). Backward needs only that output and
+    the per-row 1/rms (x * rstd = out / scale), and the output is kept anyway by what reads it next (q/k/v, c_fc,
+    attention), so the input, the residual stream, is not kept at all. Under autocast F.rms_norm kept an fp32
+    copy of its input (CUDA autocast runs rms_norm in fp32), its fp32 output was cast to bf16 once per reader
+    (three copies for q, k, v), and the q/k scale kept one more."""
+
+    @staticmethod
+    def forward(ctx, x, scale, dtype):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+        out = (xf * (rstd * scale)).to(dtype)
+        ctx.save_for_backward(out, rstd)
+        ctx.scale, ctx.x_dtype = scale, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, rstd = ctx.saved_tensors
+        y = out.float() / ctx.scale  # x * rstd
+        g = grad.float() * ctx.scale
+        return (rstd * (g - y * (g * y).mean(-1, keepdim=True))).to(ctx.x_dtype), None, None
+
+
+class _ReluSquaredLinear(torch.autograd.Function):
+    """relu(h)^2 @ weight.T keeping only h for backward, where relu(h)^2 is recomputed (one elementwise op, no
+    matmul). Autocast kept relu's output, an fp32 copy of it (CUDA runs pow in fp32) and the bf16 square for the
+    linear: 4x h's bytes, the largest activation of the model. Called with h in bf16 (under autocast)."""
+
+    @staticmethod
+    def forward(ctx, h, weight):
+        r = F.relu(h)
+        ctx.save_for_backward(h, weight)
+        return F.linear(r * r, weight.to(h.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        grad = grad.to(h.dtype)
+        r = F.relu(h)
+        a = r * r
+        grad_weight = grad.reshape(-1, grad.size(-1)).t() @ a.reshape(-1, a.size(-1))
+        grad_h = (grad @ weight.to(h.dtype)) * (2 * r)
+        return grad_h, grad_weight.to(weight.dtype)
 
 
 def apply_rotary_emb(x, cos, sin):
@@ -211,10 +262,8 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:  # per-head gate in (0, 3), driven by the input's leading channels
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        if self.qk_scale != 1.0:
-            q, k = q * self.qk_scale, k * self.qk_scale
+            v = v + gate.unsqueeze(-1) * ve.to(v.dtype).view(B, T, self.n_kv_head, self.head_dim)  # bf16: v's dtype
+        q, k = norm(apply_rotary_emb(q, cos, sin), self.qk_scale), norm(apply_rotary_emb(k, cos, sin), self.qk_scale)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
@@ -232,7 +281,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        h = self.c_fc(x)
+        if torch.is_autocast_enabled(h.device.type):
+            return _ReluSquaredLinear.apply(h, self.c_proj.weight)
+        return self.c_proj(F.relu(h).square())
 
 
 class Block(nn.Module):
@@ -398,6 +450,7 @@ class GPT(nn.Module):
             x = self._smear(x, kv_cache)
         if torch.is_autocast_enabled(x.device.type):  # the residual stream in bf16 (CUDA), as nanochat: half the
             x = x.to(torch.get_autocast_dtype(x.device.type))  # activation memory; CPU (no autocast) stays fp32
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once, not once per layer, q and k
         x0, x_mid = x, None
         for i, block in enumerate(self.transformer.h):
             if c.lambdas:

@@ -2,8 +2,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from nanochat.gpt import GPT, LEGACY_FIELDS, GPTConfig, KVCache, config_from_depth
+import nanochat.gpt as gpt
+from bench.bench_loss import saved_for_backward
+from nanochat.gpt import GPT, LEGACY_FIELDS, GPTConfig, KVCache, _ReluSquaredLinear, _RMSNorm, config_from_depth
 
 torch.set_num_threads(1)
 
@@ -137,9 +140,87 @@ def test_bf16_residual_stream_under_autocast_matches_fp32_within_bf16_rounding()
     assert residual == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]
     assert abs(loss_bf16.item() - loss.item()) < 1e-3 * loss.item()
     assert (logits_bf16 - logits).norm() / logits.norm() < 2e-2
+    for (name, p), w in zip(model.named_parameters(), want):  # the embeddings' rows (bf16 once looked up) included
+        if "wte" in name or "value_embeds" in name:
+            assert (p.grad - w).norm() / w.norm() < 3e-2, name
     got = torch.cat([p.grad.flatten() for p in model.parameters()])
     want = torch.cat([g.flatten() for g in want])
     assert (got - want).norm() / want.norm() < 3e-2
+
+
+def kept_storages(fn):
+    """fn()'s result and the storages of the tensors its autograd graph keeps for backward."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.untyped_storage()) or t, lambda t: t):
+        out = fn()
+    return out, {s.data_ptr() for s in kept}
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.2])
+def test_rms_norm_function_equals_f_rms_norm_and_keeps_its_output_not_its_input(scale):
+    """The norm under autocast: in fp32 it equals F.rms_norm * scale (value exact at scale 1, within 1e-6 otherwise;
+    the gradient within 1e-6, its op order differs); in bf16 its value is the fp32 one rounded once and its
+    gradient matches to bf16 rounding; for backward it keeps its output and 1/rms, not its input."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 64, generator=gen) * 3).requires_grad_()
+    g = torch.randn(3, 5, 64, generator=gen)
+    want = F.rms_norm(x, (64,)) * scale
+    (want_grad,) = torch.autograd.grad(want, x, g)
+    got, kept = kept_storages(lambda: _RMSNorm.apply(x, scale, torch.float32))
+    (got_grad,) = torch.autograd.grad(got, x, g)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0 if scale == 1.0 else 1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+    assert got.untyped_storage().data_ptr() in kept and x.untyped_storage().data_ptr() not in kept and len(kept) == 2
+    xb = x.detach().bfloat16().requires_grad_()
+    got_bf16 = _RMSNorm.apply(xb, scale, torch.bfloat16)
+    assert got_bf16.dtype == torch.bfloat16
+    assert torch.equal(got_bf16, (F.rms_norm(xb.float(), (64,)) * scale).bfloat16()) or scale != 1.0
+    torch.testing.assert_close(got_bf16.float(), want, rtol=1e-2, atol=1e-2)
+    (grad_bf16,) = torch.autograd.grad(got_bf16, xb, g.bfloat16())
+    assert (grad_bf16.float() - want_grad).norm() / want_grad.norm() < 1e-2
+
+
+def test_relu_squared_linear_equals_the_plain_expression_exactly_and_keeps_only_its_input():
+    """c_proj(relu(h)^2) as one function: bit-identical value and gradients to the plain expression in fp32 and
+    under CPU bf16 autocast (same roundings), keeping only h (and the weight, a parameter) for backward."""
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 7, 32, generator=gen), torch.randn(16, 32, generator=gen)
+    g = torch.randn(2, 7, 16, generator=gen)
+    h[0, 0, :4] = 0  # relu's kink: zero gradient both ways
+    for autocast in (False, True):
+        hh = (h.bfloat16() if autocast else h).requires_grad_()
+        ww = w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            plain = F.linear(F.relu(hh).square(), ww)
+            fused, kept = kept_storages(lambda: _ReluSquaredLinear.apply(hh, ww))
+        assert fused.dtype == plain.dtype and torch.equal(fused, plain)
+        want = torch.autograd.grad(plain, (hh, ww), g.to(plain.dtype))
+        got = torch.autograd.grad(fused, (hh, ww), g.to(plain.dtype))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert kept == {hh.untyped_storage().data_ptr(), ww.untyped_storage().data_ptr()}
+
+
+@pytest.mark.parametrize("cuda_policy", [False, True], ids=["cpu-autocast", "cuda-autocast-ops"])
+def test_bytes_saved_for_backward_per_token_under_autocast_are_what_backward_needs(cuda_policy, monkeypatch):
+    """Under bf16 autocast one forward keeps, per layer and token: the attention's input, q, k, v and output and
+    the MLP's input in bf16 (C values each), the MLP's pre-activation (4C), and in fp32 the 1/rms of two norms and
+    of q and k per head and attention's log-sum-exp per head; once: the embedding's and final norm's outputs
+    (bf16, with their 1/rms), the token ids and targets. Also with CUDA autocast's fp32 ops (rms_norm, pow)
+    emulated, which kept 2-3x this before (an fp32 copy per norm and of relu's output, a bf16 copy per reader).
+    Autocast's bf16 weight copies: the block matrices but the MLP's c_proj; the rotary rows cast once per forward."""
+    C, H, L, B, T = 64, 4, 2, 2, 64
+    model = build(GPTConfig(sequence_len=T, vocab_size=97, n_layer=L, n_head=H, n_kv_head=H, n_embd=C))
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_BYTES", 4 * 97 * 32)  # chunks smaller than the batch, as at scale
+    gen = torch.Generator().manual_seed(0)
+    idx, targets = torch.randint(0, 97, (B, T), generator=gen), torch.randint(0, 97, (B, T), generator=gen)
+    saved = saved_for_backward(model, idx, targets, cuda_policy=cuda_policy)
+    per_layer = 2 * (6 * C + 4 * C) + 4 * (2 + 3 * H)
+    once = 2 * (2 * C + 4) + 8 + 8  # + the token ids and the targets (int64)
+    activations = sum(v for k, v in saved.items() if k not in ("weight copies", "rotary"))
+    bound = (L * per_layer + once) * B * T + 8  # + the loss's divisor, the count of targets (an int64)
+    assert 0.9 * bound <= activations <= bound
+    assert saved["weight copies"] == 2 * L * (4 * C * C + 4 * C * C)
+    assert saved["rotary"] == 2 * T * (C // H // 2) * 2
 
 
 def test_gqa_equals_mha_with_shared_kv_heads():
