@@ -140,6 +140,7 @@ def _decode_tensors(cache):
     named = {"pos": cache.pos, "prev_embedding": cache.prev_embedding}
     named.update({f"k{i}": t for i, t in enumerate(cache.k)})
     named.update({f"v{i}": t for i, t in enumerate(cache.v)})
+    named.update({f"qkv{i}": t for i, t in enumerate(cache.qkv_weights)})
     return named
 
 
@@ -168,13 +169,13 @@ def test_graph_is_captured_from_the_prefilled_state_and_prefill_keeps_its_tensor
     decoder.prefill(_smear_prefill(model, [5, 17, 3, 88, 42, 9]))
     prefilled = _decode_state(decoder.cache)
     decoder.step(torch.tensor([[1], [2]]))  # warm-up, then the (fake) capture
-    assert decoder.graph is not None and fake.captured_from is not None
+    assert list(decoder.graphs) == [20] and fake.captured_from is not None  # one bucket: 20 slots (max_len)
     for name, want in prefilled.items():
         assert torch.equal(fake.captured_from[name], want), name
     # prefill again (the Engine reuses decoders): the same storage, now holding the new prompt's state
     second = _smear_prefill(model, [8, 1, 60])
     decoder.prefill(second)
-    assert {name: t.data_ptr() for name, t in _decode_tensors(decoder.cache).items()} == decoder.graph.pointers
+    assert {name: t.data_ptr() for name, t in _decode_tensors(decoder.cache).items()} == decoder.graphs[20][0].pointers
     assert torch.equal(decoder.cache.prev_embedding, second.prev_embedding.expand(2, -1, -1))
     decoder.cuda_graph = False  # the fake graph cannot replay: decode on eagerly from the re-prefilled state
     reference = KVCache(2, c.n_kv_head, 20, c.n_embd // c.n_head, c.n_layer)
