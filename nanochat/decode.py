@@ -16,6 +16,7 @@ bytes read per token and no weight casts in the step.
 """
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -144,8 +145,9 @@ class Decoder:
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if on_cuda \
             else contextlib.nullcontext
         # gpt-fast's recipe: compile the step (elementwise ops fused, fewer launches), capture the compiled code in
-        # our own graph, so no cudagraph mode of torch.compile's; the bucket (a guarded int) may recompile once
-        self.step_fn = torch.compile(decode_step, fullgraph=True) if self.compile_step else decode_step
+        # our own graph, so no cudagraph mode of torch.compile's. Dynamic shapes: one compile serves every bucket
+        # and batch size above 1 (sizes are arguments of the kernels, fixed again by each graph)
+        self.step_fn = torch.compile(decode_step, fullgraph=True, dynamic=True) if self.compile_step else decode_step
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the graphs' input
         self.graphs = {}  # bucket -> (CUDA graph, the logits tensor it writes)
         self.busy = False  # set by Engine while a generation uses this decoder
@@ -166,7 +168,14 @@ class Decoder:
 
     def _run(self, ids):
         with self.autocast():
-            return self.step_fn(self.model, ids, self.cache)
+            if self.step_fn is decode_step:
+                return decode_step(self.model, ids, self.cache)
+            try:
+                return self.step_fn(self.model, ids, self.cache)
+            except Exception as e:  # compilation failed here (no Triton, an unsupported op): serve uncompiled
+                warnings.warn(f"torch.compile of the decode step failed, decoding without it: {type(e).__name__}: {e}")
+                self.step_fn = decode_step
+                return decode_step(self.model, ids, self.cache)
 
     def _capture(self):
         # warm-up off the default stream, as capture requires (lazy inits, kernel choice, compilation); it runs real

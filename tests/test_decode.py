@@ -258,7 +258,7 @@ def test_one_graph_per_bucket_each_captured_around_the_compiled_step(monkeypatch
     calls = []
 
     def fake_compile(fn, **kwargs):
-        assert fn is decode_step and kwargs == {"fullgraph": True}
+        assert fn is decode_step and kwargs == {"fullgraph": True, "dynamic": True}
 
         def compiled(*args):
             calls.append("captured" if fake.capturing else "warm-up")
@@ -273,6 +273,24 @@ def test_one_graph_per_bucket_each_captured_around_the_compiled_step(monkeypatch
         decoder.step(torch.tensor([[1], [2]]))
     assert list(decoder.graphs) == [8, 16, 20]
     assert calls == ["warm-up", "warm-up", "captured"] * 3  # replays run nothing on the host
+
+
+@torch.inference_mode()
+def test_a_failing_compile_falls_back_to_the_plain_step(monkeypatch):
+    """torch.compile failing on the serving machine (no Triton, an unsupported op) costs speed, not the service."""
+    from tests.test_gpt import FULL, randomized
+
+    def broken(*args):
+        raise RuntimeError("no triton")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    model = randomized(FULL, seed=1)
+    decoder, reference = _prefilled(model, [5, 17, 3, 88, 42, 9], 2, 20, compile_step=True)
+    ids = torch.tensor([[1], [2]])
+    with pytest.warns(UserWarning, match="decoding without it: RuntimeError: no triton"):
+        got = decoder.step(ids)
+    assert decoder.step_fn is decode_step
+    torch.testing.assert_close(got, model(ids, kv_cache=reference)[:, -1], rtol=0, atol=1e-5)
 
 
 def test_engine_reads_each_token_once_after_launching_the_step_that_consumes_it(tiny, monkeypatch):
