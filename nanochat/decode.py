@@ -42,7 +42,7 @@ class StaticKVCache:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.slots = torch.arange(max_len, device=device)
         self.bucket = max_len  # slots a step attends over (a host int: one graph per value)
-        self.visible = None  # (1, 1, 1, bucket) bool: slots written so far, this step's included (decode_step)
+        self.visible = None  # (1, 1, 1, bucket): 0 on the slots written so far (this step's included), -inf after
         self.qkv_weights = None  # per layer [W_q; W_k; W_v] in `dtype` (Decoder fills them), one matmul for the three
         self.dtype = dtype
         self.prev_embedding = None  # (B, 1, C): the last position's input embedding (models with the smear gate)
@@ -105,7 +105,11 @@ def decode_step(model, ids, cache):
     host sync and no position-dependent shape: the cache supplies the rotary rows, the attention over its first
     cache.bucket slots, the fused q/k/v weights, the smear gate's previous embedding and the position's advance,
     all on the device."""
-    cache.visible = (cache.slots[:cache.bucket] <= cache.pos).view(1, 1, 1, -1)
+    # additive (0 / -inf), in the dtype attention computes in: what SDPA would otherwise make of a bool mask in every
+    # layer, made once per step
+    unwritten = (cache.slots[:cache.bucket] > cache.pos).view(1, 1, 1, -1)
+    mask = torch.zeros(unwritten.shape, dtype=cache.dtype, device=unwritten.device)
+    cache.visible = mask.masked_fill_(unwritten, float("-inf"))
     return model(ids, kv_cache=cache)[:, -1]
 
 
