@@ -228,17 +228,26 @@ def greedy_agreement(tokens, reference):
     return torch.equal(a, b), (a == b).float().mean().item()
 
 
-rows, notes, failures = [], [], []
+# rows are printed as they are measured: a run cut by a time limit (compiles on a cold cache) keeps what it measured
+print(f"\nprompt {P} tokens, {G} generated per row, best of {args.repeats}\n")
+print(f"{'phase':<48} {'batch':>5} {'tokens':>8} {'seconds':>9} {'tokens/s':>11}", flush=True)
+notes, failures = [], []
+
+
+def add_row(name, B, n, t):
+    print(f"{name:<48} {B:>5} {n:>8} {t:>9.4f} {n / t:>11,.0f}", flush=True)
+
+
 for B in sorted({1, args.batch_size}):
     prompt, prompt_kind = make_prompt(B)
     t, _ = timed(prefill, lambda: prompt)
-    rows.append(("prefill", B, B * P, t))
+    add_row("prefill", B, B * P, t)
     # every decoder starts from the prompt plus its first token and produces G - 1 more per row
     t_cached, cached = timed(decode_cached, lambda: prefill(prompt))
-    rows.append(("decode, KV cache (GPT.forward)", B, B * (G - 1), t_cached))
+    add_row("decode, KV cache (GPT.forward)", B, B * (G - 1), t_cached)
     new_decoder = lambda **kw: Decoder(model, B, P + G, bucket=args.bucket, **kw)
     t_eager, eager = timed(decode_static, static_setup(new_decoder(compile_step=False), prompt))
-    rows.append(("decode, static KV cache, eager", B, B * (G - 1), t_eager))
+    add_row("decode, static KV cache, eager", B, B * (G - 1), t_eager)
     fastest, fastest_name = t_eager, "static cache, eager"
     greedy = {"static KV cache, eager": eager}
     forced = {"static KV cache, eager": new_decoder(compile_step=False)}
@@ -252,7 +261,7 @@ for B in sorted({1, args.batch_size}):
         device_synchronize(device.type)
         t_first = time.perf_counter() - t0
         t_graph, graphed = timed(decode_static, setup)
-        rows.append((f"decode, {name}", B, B * (G - 1), t_graph))
+        add_row(f"decode, {name}", B, B * (G - 1), t_graph)
         same, share = greedy_agreement(graphed, eager)
         notes.append(f"batch {B}: greedy tokens, {name} against eager, first {N_GREEDY} per row: "
                      f"{'identical' if same else 'DIFFERENT'} ({share:.1%} equal); speedup over eager "
@@ -274,7 +283,7 @@ for B in sorted({1, args.batch_size}):
             failures.append(f"batch {B}: {name}: teacher-forced logits differ by {rel:.2e} > {args.max_rel_error:.0e}")
     if not args.no_recompute:
         t, recomputed = timed(decode_recompute, lambda: torch.cat([prompt, prefill(prompt)[1]], 1))
-        rows.append(("decode, full recompute (no cache)", B, B * (G - 1), t))
+        add_row("decode, full recompute (no cache)", B, B * (G - 1), t)
         notes.append(f"batch {B}: KV cache speedup over full recompute: {t / fastest:.1f}x "
                      f"({fastest_name}), {t / t_cached:.1f}x (GPT.forward)")
         greedy["full recompute"] = recomputed
@@ -294,12 +303,8 @@ for B in sorted({1, args.batch_size}):
             return sum(1 for _ in engine.generate(tokens, num_samples=B, max_tokens=G, temperature=1.0, top_k=50, seed=0))
 
         t, steps = timed(run_engine)
-        rows.append(("Engine.generate (shared prefill, sampling)", B, B * steps, t))
+        add_row("Engine.generate (shared prefill, sampling)", B, B * steps, t)
 
-print(f"\nprompt {P} tokens, {G} generated per row, best of {args.repeats}\n")
-print(f"{'phase':<48} {'batch':>5} {'tokens':>8} {'seconds':>9} {'tokens/s':>11}")
-for name, B, n, t in rows:
-    print(f"{name:<48} {B:>5} {n:>8} {t:>9.4f} {n / t:>11,.0f}")
 print()
 for note in notes:
     print(note)
