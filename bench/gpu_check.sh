@@ -156,7 +156,7 @@ for q in ["What is the capital of France?", "Write a haiku about GPUs.", "What i
     body = json.dumps({"messages": [{"role": "user", "content": q}], "max_tokens": 64, "temperature": 0}).encode()
     request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
     t0 = time.perf_counter()
-    reply = json.load(direct.open(request, timeout=30))
+    reply = json.load(direct.open(request, timeout=180))  # the first one compiles the decode step (torch.compile)
     dt = time.perf_counter() - t0
     with open(f"{out}/{name}_replies.jsonl", "a") as f:
         f.write(json.dumps(reply) + "\n")
