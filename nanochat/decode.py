@@ -116,6 +116,10 @@ def decode_step(model, ids, cache):
 BUCKET = 256  # a step attends over the filled slots rounded up to a multiple of this: one CUDA graph per bucket
 
 
+def _no_compile(e):
+    warnings.warn(f"torch.compile of the decode step failed, decoding without it: {type(e).__name__}: {e}")
+
+
 class Decoder:
     """Fixed-shape decoding of batch_size rows for up to max_len positions (prompt included). A step attends over
     the filled slots rounded up to a multiple of `bucket`. With cuda_graph, the first step in a bucket records a
@@ -151,7 +155,12 @@ class Decoder:
         # gpt-fast's recipe: compile the step (elementwise ops fused, fewer launches), capture the compiled code in
         # our own graph, so no cudagraph mode of torch.compile's. Dynamic shapes: one compile serves every bucket
         # and batch size above 1 (sizes are arguments of the kernels, fixed again by each graph)
-        self.step_fn = torch.compile(decode_step, fullgraph=True, dynamic=True) if self.compile_step else decode_step
+        self.step_fn = decode_step
+        if self.compile_step:
+            try:
+                self.step_fn = torch.compile(decode_step, fullgraph=True, dynamic=True)
+            except Exception as e:  # e.g. a Python that dynamo does not support yet
+                _no_compile(e)
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the graphs' input
         self.graphs = {}  # bucket -> (CUDA graph, the logits tensor it writes)
         self.busy = False  # set by Engine while a generation uses this decoder
@@ -177,7 +186,7 @@ class Decoder:
             try:
                 return self.step_fn(self.model, ids, self.cache)
             except Exception as e:  # compilation failed here (no Triton, an unsupported op): serve uncompiled
-                warnings.warn(f"torch.compile of the decode step failed, decoding without it: {type(e).__name__}: {e}")
+                _no_compile(e)
                 self.step_fn = decode_step
                 return decode_step(self.model, ids, self.cache)
 
