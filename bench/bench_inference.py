@@ -1,7 +1,9 @@
 """
 Inference throughput: prefill and decode tokens/s at batch 1 and batched; decoding with GPT.forward's KV cache,
-with nanochat.decode's fixed-shape step eagerly and (CUDA) replayed as a CUDA graph, and by full recompute;
-and the Engine end to end (shared prefill, sampling, per-row bookkeeping).
+with nanochat.decode's fixed-shape step eagerly and (CUDA) replayed as CUDA graphs, with and without
+torch.compile, and by full recompute; and the Engine end to end (shared prefill, sampling, per-row bookkeeping).
+Also the operations one eager decode step runs (aten ops that compute; on CUDA the kernels, compiled step too):
+the launch count that makes small-batch decoding launch-bound.
 
     python -m bench.bench_inference --depth 20       # random d20 weights: prompt 512, 512 generated, batch 1 and 8
     python -m bench.bench_inference -i sft           # a saved checkpoint (latest tag/step), Engine rows too
@@ -28,7 +30,7 @@ import time
 import torch
 
 from nanochat.common import autocast_context, autodetect_device_type, compute_init, device_synchronize
-from nanochat.decode import Decoder, for_inference
+from nanochat.decode import BUCKET, Decoder, for_inference
 from nanochat.gpt import KVCache, config_from_depth, gpt_on_meta
 from nanochat.stage import STAGE_NAMES
 
@@ -44,6 +46,9 @@ parser.add_argument("--gen-len", type=int, default=512, help="tokens decoded per
 parser.add_argument("--batch-size", type=int, default=8, help="the batched case (batch 1 is always measured)")
 parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up; the best is kept")
 parser.add_argument("--no-recompute", action="store_true", help="skip the (slow) full-recompute decode")
+parser.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled step (torch.compile + CUDA graph)")
+parser.add_argument("--bucket", type=int, default=BUCKET, help="a decode step attends over the filled cache slots "
+                    "rounded up to a multiple of this (one CUDA graph per bucket)")
 parser.add_argument("--max-rel-error", type=float, default=1e-2, help="exit 1 if a decode path's teacher-forced "
                     "logits differ from GPT.forward's KV cache by more than this (relative L2; bf16 rounding is ~1e-3)")
 parser.add_argument("--greedy-tokens", type=int, default=64, help="greedy tokens per row whose agreement is reported")
@@ -184,6 +189,36 @@ def teacher_forced(prompt, tokens, decoders):
     return {name: ((diff2[name] / norm2) ** 0.5, equal[name] / tokens.numel()) for name in decoders}
 
 
+# aten ops that only make views, allocate or dispatch to another op: no kernel of their own
+NO_KERNEL = {"aten::" + name for name in (
+    "view", "as_strided", "slice", "transpose", "unsqueeze", "squeeze", "expand", "select", "split", "split_with_sizes",
+    "chunk", "narrow", "permute", "t", "reshape", "_reshape_alias", "_unsafe_view", "alias", "detach", "unbind",
+    "empty", "empty_strided", "empty_like", "resolve_conj", "resolve_neg", "to", "type_as", "contiguous", "lift_fresh",
+    "result_type", "is_nonzero")}
+
+
+def ops_per_step(decoder, prompt):
+    """(aten ops that compute, CUDA kernels) in one step of a prefilled decoder, after a warm-up step. An op counts
+    if no aten op under it computes (aten::linear -> aten::mm counts once). CPU decomposes some ops a CUDA kernel
+    does in one (rms_norm): a proxy for the launch count, exact on CUDA."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cache, ids = prefill(prompt)
+    decoder.prefill(cache)
+    decoder.step(ids)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        decoder.step(ids)
+        device_synchronize(device.type)
+    events = prof.events()
+
+    def computes(e):
+        return e.name.startswith("aten::") and (e.name not in NO_KERNEL or any(computes(c) for c in e.cpu_children))
+
+    ops = sum(1 for e in events if e.name.startswith("aten::") and e.name not in NO_KERNEL
+              and not any(computes(c) for c in e.cpu_children))
+    return ops, sum(1 for e in events if e.device_type == DeviceType.CUDA)
+
+
 N_GREEDY = min(args.greedy_tokens, G - 1)  # every path decodes G - 1 tokens after the prefill's
 
 
@@ -193,37 +228,54 @@ def greedy_agreement(tokens, reference):
     return torch.equal(a, b), (a == b).float().mean().item()
 
 
-rows, notes, failures = [], [], []
+# rows are printed as they are measured: a run cut by a time limit (compiles on a cold cache) keeps what it measured
+print(f"\nprompt {P} tokens, {G} generated per row, best of {args.repeats}\n")
+print(f"{'phase':<48} {'batch':>5} {'tokens':>8} {'seconds':>9} {'tokens/s':>11}", flush=True)
+notes, failures = [], []
+
+
+def add_row(name, B, n, t):
+    print(f"{name:<48} {B:>5} {n:>8} {t:>9.4f} {n / t:>11,.0f}", flush=True)
+
+
 for B in sorted({1, args.batch_size}):
     prompt, prompt_kind = make_prompt(B)
     t, _ = timed(prefill, lambda: prompt)
-    rows.append(("prefill", B, B * P, t))
+    add_row("prefill", B, B * P, t)
     # every decoder starts from the prompt plus its first token and produces G - 1 more per row
     t_cached, cached = timed(decode_cached, lambda: prefill(prompt))
-    rows.append(("decode, KV cache (GPT.forward)", B, B * (G - 1), t_cached))
-    t_eager, eager = timed(decode_static, static_setup(Decoder(model, B, P + G), prompt))
-    rows.append(("decode, static KV cache, eager", B, B * (G - 1), t_eager))
-    fastest = t_eager
-    if cuda:
-        graph_decoder = Decoder(model, B, P + G, cuda_graph=True)
-        setup = static_setup(graph_decoder, prompt)
-        t0 = time.perf_counter()
-        decode_static(setup())  # the first step records the graph
-        device_synchronize(device.type)
-        t_capture = time.perf_counter() - t0
-        t_graph, graphed = timed(decode_static, setup)
-        rows.append(("decode, static KV cache, CUDA graph", B, B * (G - 1), t_graph))
-        same, share = greedy_agreement(graphed, eager)
-        notes.append(f"batch {B}: greedy tokens with and without the CUDA graph, first {N_GREEDY} per row: "
-                     f"{'identical' if same else 'DIFFERENT'} ({share:.1%} equal); graph speedup "
-                     f"{t_eager / t_graph:.1f}x; first call (warm-up + capture + decode) {t_capture:.2f} s")
-        fastest = t_graph
+    add_row("decode, KV cache (GPT.forward)", B, B * (G - 1), t_cached)
+    new_decoder = lambda **kw: Decoder(model, B, P + G, bucket=args.bucket, **kw)
+    t_eager, eager = timed(decode_static, static_setup(new_decoder(compile_step=False), prompt))
+    add_row("decode, static KV cache, eager", B, B * (G - 1), t_eager)
+    fastest, fastest_name = t_eager, "static cache, eager"
     greedy = {"static KV cache, eager": eager}
-    if cuda:
-        greedy["static KV cache, CUDA graph"] = graphed
-    forced = {"static KV cache, eager": Decoder(model, B, P + G)}
-    if cuda:
-        forced["static KV cache, CUDA graph"] = graph_decoder
+    forced = {"static KV cache, eager": new_decoder(compile_step=False)}
+    graphs = [("static KV cache, CUDA graph", False)] + ([("static KV cache, compiled + CUDA graph", True)]
+                                                         if not args.no_compile else [])
+    for name, compiled in graphs if cuda else []:
+        decoder = new_decoder(cuda_graph=True, compile_step=compiled)
+        setup = static_setup(decoder, prompt)
+        t0 = time.perf_counter()
+        decode_static(setup())  # the first step in each bucket compiles (once per shape) and records its graph
+        device_synchronize(device.type)
+        t_first = time.perf_counter() - t0
+        t_graph, graphed = timed(decode_static, setup)
+        add_row(f"decode, {name}", B, B * (G - 1), t_graph)
+        same, share = greedy_agreement(graphed, eager)
+        notes.append(f"batch {B}: greedy tokens, {name} against eager, first {N_GREEDY} per row: "
+                     f"{'identical' if same else 'DIFFERENT'} ({share:.1%} equal); speedup over eager "
+                     f"{t_eager / t_graph:.1f}x; first call ({'compile, ' if compiled else ''}warm-up and capture of "
+                     f"{len(decoder.graphs)} bucket graphs, decode) {t_first:.2f} s")
+        greedy[name], forced[name] = graphed, decoder
+        if t_graph < fastest:
+            fastest, fastest_name = t_graph, name
+    for compiled in (False, True) if cuda and not args.no_compile else (False,):
+        ops, kernels = ops_per_step(new_decoder(compile_step=compiled), prompt)
+        notes.append(f"batch {B}: one {'compiled' if compiled else 'eager'} decode step (no graph): "
+                     + (f"{ops} aten ops that compute" if not compiled else "")
+                     + (f"{', ' if not compiled else ''}{kernels} CUDA kernels" if cuda else "")
+                     + f" ({config.n_layer} layers)")
     for name, (rel, agree) in teacher_forced(prompt, cached, forced).items():
         notes.append(f"batch {B}: teacher-forced, {name} against GPT.forward's KV cache: logits differ by {rel:.2e} "
                      f"(relative L2), argmax equal at {agree:.1%} of steps")
@@ -231,9 +283,9 @@ for B in sorted({1, args.batch_size}):
             failures.append(f"batch {B}: {name}: teacher-forced logits differ by {rel:.2e} > {args.max_rel_error:.0e}")
     if not args.no_recompute:
         t, recomputed = timed(decode_recompute, lambda: torch.cat([prompt, prefill(prompt)[1]], 1))
-        rows.append(("decode, full recompute (no cache)", B, B * (G - 1), t))
+        add_row("decode, full recompute (no cache)", B, B * (G - 1), t)
         notes.append(f"batch {B}: KV cache speedup over full recompute: {t / fastest:.1f}x "
-                     f"({'CUDA graph' if cuda else 'static cache, eager'}), {t / t_cached:.1f}x (GPT.forward)")
+                     f"({fastest_name}), {t / t_cached:.1f}x (GPT.forward)")
         greedy["full recompute"] = recomputed
     for name, tokens in greedy.items():
         same, share = greedy_agreement(tokens, cached)
@@ -251,12 +303,8 @@ for B in sorted({1, args.batch_size}):
             return sum(1 for _ in engine.generate(tokens, num_samples=B, max_tokens=G, temperature=1.0, top_k=50, seed=0))
 
         t, steps = timed(run_engine)
-        rows.append(("Engine.generate (shared prefill, sampling)", B, B * steps, t))
+        add_row("Engine.generate (shared prefill, sampling)", B, B * steps, t)
 
-print(f"\nprompt {P} tokens, {G} generated per row, best of {args.repeats}\n")
-print(f"{'phase':<44} {'batch':>5} {'tokens':>8} {'seconds':>9} {'tokens/s':>11}")
-for name, B, n, t in rows:
-    print(f"{name:<44} {B:>5} {n:>8} {t:>9.4f} {n / t:>11,.0f}")
 print()
 for note in notes:
     print(note)

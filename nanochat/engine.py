@@ -4,6 +4,11 @@ The prompt is prefilled once at batch size 1, its cache is copied into num_sampl
 feeds one token per row: on CUDA through nanochat.decode's fixed-shape step, replayed as a CUDA graph, elsewhere
 through GPT.forward's KV cache. A row that closes a python block (python_start ... python_end) gets the value of
 the expression forced in as output_start <result> output_end before the model continues.
+
+The sampled tokens stay on the device and feed the next step directly; their copy to the host (for the caller,
+the stop tokens and the tool's state machine) is queued before that step is launched and waited for after, so on
+CUDA the device computes the next token while the host reads this one (HostCopy). A forced token needs the host
+only when there is one.
 """
 
 from collections import deque
@@ -23,6 +28,36 @@ class RowState:
         self.forced = deque()
         self.python_tokens = None  # list while inside a python block
         self.done = False
+
+
+class HostCopy:
+    """A step's small results (tokens, log-probabilities) to the host. On CUDA: non-blocking copies into pinned
+    buffers and an event, queued before the next step is launched, so wait() waits for the copies, not for that
+    step. Elsewhere (CPU: no queue to overlap with) a plain read."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.buffers, self.pending = {}, []
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def start(self, tensors):
+        if not self.cuda:
+            self.pending = tensors
+            return
+        self.pending = []
+        for i, t in enumerate(tensors):
+            buf = self.buffers.get(i)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:  # reused: wait() ran before this start
+                buf = self.buffers[i] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf.copy_(t, non_blocking=True)
+            self.pending.append(buf)
+        self.event.record()
+
+    def wait(self):
+        """-> the tensors given to start, as lists."""
+        if self.cuda:
+            self.event.synchronize()
+        return [t.tolist() for t in self.pending]
 
 
 class Engine:
@@ -94,27 +129,34 @@ class Engine:
         del kv_prefill
         logits = logits.expand(num_samples, -1)
         rows = [RowState() for _ in range(num_samples)]
+        host = HostCopy(device)
 
         try:
-            for _ in range(max_tokens):
-                sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-                column, masks = [], []
-                for row, token in zip(rows, sampled):
-                    forced = bool(row.forced)
-                    token = row.forced.popleft() if forced else token
-                    column.append(token)
-                    masks.append(0 if forced else 1)
+            for i in range(max_tokens):
+                column = sample_next_token(logits, rng, temperature, top_k)[:, 0]  # (B,) on the device
+                forced = [row.forced.popleft() if row.forced else None for row in rows]
+                masks = [1 if token is None else 0 for token in forced]
+                if 0 in masks:  # a tool's output replaces what was sampled (a copy to the device, only then)
+                    force = torch.tensor([token is not None for token in forced], device=device)
+                    column = torch.where(force, torch.tensor([token or 0 for token in forced], device=device), column)
+                results = [column]
+                if logprobs is not None:  # this step's logits, read before the next step overwrites them (CUDA graph)
+                    lp = torch.log_softmax(logits.float(), dim=-1)
+                    top_lp, top_ids = lp.topk(min(logprobs, lp.size(-1)), dim=-1)
+                    results += [lp.gather(-1, column[:, None])[:, 0], top_ids, top_lp]
+                host.start(results)
+                if i + 1 < max_tokens:  # queued behind the copies: the device decodes on while the host reads
+                    logits = step(column[:, None])
+                column, *lp_rows = host.wait()
+                for row, token in zip(rows, column):
                     self._track(row, token)
                 if logprobs is None:
                     yield column, masks
                 else:
-                    lp = torch.log_softmax(logits.float(), dim=-1)
-                    chosen = lp.gather(-1, torch.tensor(column, device=lp.device)[:, None])[:, 0].tolist()
-                    top_lp, top_ids = lp.topk(min(logprobs, lp.size(-1)), dim=-1)
-                    yield column, masks, [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_ids.tolist(), top_lp.tolist())]
+                    chosen, top_ids, top_lp = lp_rows
+                    yield column, masks, [(c, list(zip(ids, lps))) for c, ids, lps in zip(chosen, top_ids, top_lp)]
                 if all(row.done for row in rows):
                     break
-                logits = step(torch.tensor(column, dtype=torch.long, device=device)[:, None])
         finally:  # finished, or closed by a consumer that stopped early (a client that left)
             if decoder is not None:
                 decoder.busy = False

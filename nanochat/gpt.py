@@ -166,6 +166,8 @@ class KVCache:
         self.prev_embedding = None  # (B, 1, C): the last position's input embedding, for the smear gate
         self.pos = 0
 
+    qkv_weights = None  # per layer [W_q; W_k; W_v] for one fused projection (nanochat.decode's cache has them)
+
     def reset(self):
         self.pos = 0
         self.prev_embedding = None
@@ -257,13 +259,21 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, ve=None):
         B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        fused = None if kv_cache is None else kv_cache.qkv_weights
+        if fused is None:  # training and GPT.forward's KV cache
+            q = self.c_q(x).view(B, T, H, D)
+            k = self.c_k(x).view(B, T, H_kv, D)
+            v = self.c_v(x).view(B, T, H_kv, D)
+        else:  # nanochat.decode: the three projections as one matmul over the weights it concatenated
+            qk, v = F.linear(x, fused[self.layer_idx]).view(B, T, H + 2 * H_kv, D).split([H + H_kv, H_kv], dim=2)
         if ve is not None:  # per-head gate in (0, 3), driven by the input's leading channels
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
-            v = v + gate.unsqueeze(-1) * ve.to(v.dtype).view(B, T, self.n_kv_head, self.head_dim)  # bf16: v's dtype
-        q, k = norm(apply_rotary_emb(q, cos, sin), self.qk_scale), norm(apply_rotary_emb(k, cos, sin), self.qk_scale)
+            v = v + gate.unsqueeze(-1) * ve.to(v.dtype).view(B, T, H_kv, D)  # bf16 under autocast: v's dtype
+        if fused is None:
+            q, k = norm(apply_rotary_emb(q, cos, sin), self.qk_scale), norm(apply_rotary_emb(k, cos, sin), self.qk_scale)
+        else:  # rotary, QK-norm and the scale act per head: on q and k together, the same values in fewer kernels
+            q, k = norm(apply_rotary_emb(qk, cos, sin), self.qk_scale).split([H, H_kv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:

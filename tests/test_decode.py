@@ -6,8 +6,8 @@ import contextlib
 import pytest
 import torch
 
-from nanochat.decode import Decoder, for_inference
-from nanochat.engine import Engine
+from nanochat.decode import Decoder, decode_step, for_inference
+from nanochat.engine import Engine, HostCopy
 from nanochat.gpt import KVCache
 from tests.helpers_tiny import load_tiny
 from tests.test_engine import PROMPTS, prompt_ids
@@ -125,9 +125,13 @@ class _CudaOnCpu:
         def graph(g, capture_error_mode=None):
             fake.captured_from = _decode_state(decoder.cache)
             g.pointers = {name: t.data_ptr() for name, t in _decode_tensors(decoder.cache).items()}
-            yield
+            fake.capturing = True
+            try:
+                yield
+            finally:
+                fake.capturing = False
 
-        self.captured_from = None
+        self.captured_from, self.capturing = None, False
         monkeypatch.setattr(torch.cuda, "Stream", Stream)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
         monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
@@ -140,6 +144,7 @@ def _decode_tensors(cache):
     named = {"pos": cache.pos, "prev_embedding": cache.prev_embedding}
     named.update({f"k{i}": t for i, t in enumerate(cache.k)})
     named.update({f"v{i}": t for i, t in enumerate(cache.v)})
+    named.update({f"qkv{i}": t for i, t in enumerate(cache.qkv_weights)})
     return named
 
 
@@ -168,13 +173,13 @@ def test_graph_is_captured_from_the_prefilled_state_and_prefill_keeps_its_tensor
     decoder.prefill(_smear_prefill(model, [5, 17, 3, 88, 42, 9]))
     prefilled = _decode_state(decoder.cache)
     decoder.step(torch.tensor([[1], [2]]))  # warm-up, then the (fake) capture
-    assert decoder.graph is not None and fake.captured_from is not None
+    assert list(decoder.graphs) == [20] and fake.captured_from is not None  # one bucket: 20 slots (max_len)
     for name, want in prefilled.items():
         assert torch.equal(fake.captured_from[name], want), name
     # prefill again (the Engine reuses decoders): the same storage, now holding the new prompt's state
     second = _smear_prefill(model, [8, 1, 60])
     decoder.prefill(second)
-    assert {name: t.data_ptr() for name, t in _decode_tensors(decoder.cache).items()} == decoder.graph.pointers
+    assert {name: t.data_ptr() for name, t in _decode_tensors(decoder.cache).items()} == decoder.graphs[20][0].pointers
     assert torch.equal(decoder.cache.prev_embedding, second.prev_embedding.expand(2, -1, -1))
     decoder.cuda_graph = False  # the fake graph cannot replay: decode on eagerly from the re-prefilled state
     reference = KVCache(2, c.n_kv_head, 20, c.n_embd // c.n_head, c.n_layer)
@@ -184,6 +189,141 @@ def test_graph_is_captured_from_the_prefilled_state_and_prefill_keeps_its_tensor
         expected = model(ids, kv_cache=reference)[:, -1]
         torch.testing.assert_close(decoder.step(ids), expected, rtol=0, atol=1e-5)
         ids = expected.argmax(-1, keepdim=True)
+
+
+def _prefilled(model, prompt, batch_size, max_len, **decoder_kwargs):
+    """(a Decoder, GPT.forward's KVCache) both holding `prompt` (a batch-1 prefill broadcast to batch_size)."""
+    c = model.config
+    prefill = _smear_prefill(model, prompt)
+    reference = KVCache(batch_size, c.n_kv_head, max_len, c.n_embd // c.n_head, c.n_layer)
+    reference.prefill(prefill)
+    decoder = Decoder(model, batch_size, max_len, **decoder_kwargs)
+    decoder.prefill(prefill)
+    return decoder, reference
+
+
+@torch.inference_mode()
+def test_fused_qkv_step_equals_the_kv_cache_forward_and_follows_the_weights_at_every_prefill():
+    """The step's one q/k/v matmul (weights concatenated at prefill) equals GPT.forward's three to fp32 rounding.
+    Weights trained in place between generations (chat_rl samples from a live policy) are picked up by the next
+    prefill; a generation under way keeps the set it started with (so the step reads the fused copy)."""
+    from tests.test_gpt import FULL, randomized
+    model = randomized(FULL, seed=1)
+    prompt, ids = [5, 17, 3, 88, 42, 9], torch.tensor([[1], [2]])
+    decoder, reference = _prefilled(model, prompt, 2, 20)
+    a = model.transformer.h[1].attn
+    assert torch.equal(decoder.cache.qkv_weights[1], torch.cat([a.c_q.weight, a.c_k.weight, a.c_v.weight]))
+    torch.testing.assert_close(decoder.step(ids), model(ids, kv_cache=reference)[:, -1], rtol=0, atol=1e-5)
+    for block in model.transformer.h:  # an optimizer step, in place
+        for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+            lin.weight.add_(torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
+    _, new_reference = _prefilled(model, prompt, 2, 20)
+    expected = model(ids, kv_cache=new_reference)[:, -1]
+    assert (decoder.step(ids) - expected).abs().max() > 1e-2  # mid-generation: the weights it was prefilled with
+    decoder.prefill(_smear_prefill(model, prompt))
+    torch.testing.assert_close(decoder.step(ids), expected, rtol=0, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_bucketed_attention_reads_only_the_filled_slots_and_equals_attention_over_all_slots():
+    """Buckets of 4 slots: a step at position n attends over slots [0, 4 * (n // 4 + 1)). Before each step the slots
+    past that bucket are filled with NaN, which any read would spread (a mask does not stop it); the logits equal a
+    decoder attending over all 32 slots every step, and GPT.forward's KV cache."""
+    from tests.test_gpt import FULL, randomized
+    model = randomized(FULL, seed=1)
+    prompt, ids = [5, 17, 3, 88, 42, 9], torch.tensor([[1], [2]])
+    bucketed, reference = _prefilled(model, prompt, 2, 32, bucket=4)
+    whole, _ = _prefilled(model, prompt, 2, 32, bucket=32)
+    buckets = []
+    for n in range(len(prompt), len(prompt) + 20):
+        for t in bucketed.cache.k + bucketed.cache.v:  # unfilled slots: finite in the bucket (masked), NaN past it
+            t[:, :, n:4 * (n // 4 + 1)], t[:, :, 4 * (n // 4 + 1):] = 0.0, float("nan")
+        got, all_slots = bucketed.step(ids), whole.step(ids)
+        buckets.append(bucketed.cache.bucket)
+        assert whole.cache.bucket == 32
+        expected = model(ids, kv_cache=reference)[:, -1]
+        torch.testing.assert_close(got, all_slots, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        ids = expected.argmax(-1, keepdim=True)
+    assert buckets == [8] * 2 + [12] * 4 + [16] * 4 + [20] * 4 + [24] * 4 + [28] * 2
+
+
+@torch.inference_mode()
+def test_one_graph_per_bucket_each_captured_around_the_compiled_step(monkeypatch):
+    """compile_step=True: Decoder captures what torch.compile returned (fullgraph: no host sync may split it), one
+    graph per bucket, each after two warm-up steps; on CPU the default is the plain step."""
+    from tests.test_gpt import FULL, randomized
+    model = randomized(FULL, seed=1)
+    assert Decoder(model, 2, 20).step_fn is decode_step  # CPU: not compiled
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        assert fn is decode_step and kwargs == {"fullgraph": True, "dynamic": True}
+
+        def compiled(*args):
+            calls.append("captured" if fake.capturing else "warm-up")
+            return fn(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    decoder = Decoder(model, 2, 20, compile_step=True, bucket=8)
+    fake = _CudaOnCpu(decoder, monkeypatch)
+    decoder.prefill(_smear_prefill(model, [5, 17, 3, 88, 42, 9]))
+    for _ in range(12):  # positions 6 .. 17: buckets 8, 16 and 20 (the last one cut at max_len)
+        decoder.step(torch.tensor([[1], [2]]))
+    assert list(decoder.graphs) == [8, 16, 20]
+    assert calls == ["warm-up", "warm-up", "captured"] * 3  # replays run nothing on the host
+
+
+@torch.inference_mode()
+def test_a_failing_compile_falls_back_to_the_plain_step(monkeypatch):
+    """torch.compile failing on the serving machine (no Triton, an unsupported op) costs speed, not the service."""
+    from tests.test_gpt import FULL, randomized
+
+    def broken(*args):
+        raise RuntimeError("no triton")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    model = randomized(FULL, seed=1)
+    decoder, reference = _prefilled(model, [5, 17, 3, 88, 42, 9], 2, 20, compile_step=True)
+    ids = torch.tensor([[1], [2]])
+    with pytest.warns(UserWarning, match="decoding without it: RuntimeError: no triton"):
+        got = decoder.step(ids)
+    assert decoder.step_fn is decode_step
+    torch.testing.assert_close(got, model(ids, kv_cache=reference)[:, -1], rtol=0, atol=1e-5)
+
+
+def test_engine_reads_each_token_once_after_launching_the_step_that_consumes_it(tiny, monkeypatch):
+    """No host sync per token but HostCopy.wait: a 32-token generation reads 32 columns, each after the step fed
+    with it has been launched (so on CUDA the device decodes while the host reads); no other .tolist/.item/.cpu
+    in the loop; the tokens are those of GPT.forward's KV-cache path."""
+    model, tokenizer = tiny
+    tokens = prompt_ids(tokenizer, "tell me about the owl")
+    plain, static = Engine(model, tokenizer), Engine(model, tokenizer, static_cache=True)
+    plain.stop_tokens = static.stop_tokens = set()  # never done: exactly max_tokens columns
+    want = [col for col, _ in plain.generate(tokens, num_samples=2, max_tokens=32, temperature=1.0, seed=5)]
+    log, reads = [], []
+    real_step, real_wait = Decoder.step, HostCopy.wait
+
+    def step(self, ids):
+        log.append("step")
+        return real_step(self, ids)
+
+    def wait(self):
+        log.append("wait")
+        return [list(t) if isinstance(t, list) else real_tolist(t) for t in self.pending]
+
+    real_tolist = torch.Tensor.tolist
+    for name in ("tolist", "item", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _name=name, **k: reads.append(_name) or
+                            getattr(torch._C.TensorBase, _name)(self, *a, **k))
+    monkeypatch.setattr(Decoder, "step", step)
+    monkeypatch.setattr(HostCopy, "wait", wait)
+    got = [col for col, _ in static.generate(tokens, num_samples=2, max_tokens=32, temperature=1.0, seed=5)]
+    monkeypatch.undo()
+    assert got == want and len(got) == 32
+    assert log == ["step", "wait"] * 31 + ["wait"]  # no step after the last token
+    assert reads == []
 
 
 def _bench_inference(capsys, argv):

@@ -34,3 +34,18 @@ def test_ranks_take_one_gpu_each_over_nccl_and_share_gpus_over_gloo_when_there_a
     assert [cuda_placement(r, 8, 8) for r in (0, 7)] == [(0, "nccl"), (7, "nccl")]
     assert [cuda_placement(r, 2, 1) for r in (0, 1)] == [(0, "gloo"), (0, "gloo")]  # two DiLoCo workers, one GPU
     assert [cuda_placement(r, 4, 2) for r in range(4)] == [(0, "gloo"), (1, "gloo"), (0, "gloo"), (1, "gloo")]
+
+
+def test_every_flag_gpu_check_gives_bench_inference_exists():
+    """The decode section runs once, on a lent GPU: a renamed flag must fail here, not there (argparse exit 2)."""
+    import re
+    with open(os.path.join(ROOT, "bench", "bench_inference.py")) as f:
+        known = set(re.findall(r'"(--?[a-z][a-z-]*)"', "".join(re.findall(r"add_argument\(([^)]*)\)", f.read()))))
+    with open(os.path.join(ROOT, "bench", "gpu_check.sh")) as f:
+        script = f.read().replace("\\\n", " ")
+    calls = [line.split("bench.bench_inference", 1)[1].split(">")[0] for line in script.splitlines()
+             if "-m bench.bench_inference" in line]
+    assert len(calls) == 2 and {"--depth", "--require-greedy", "--bucket", "--no-compile"} <= known
+    for args in calls:
+        flags = re.findall(r"(?<!\S)(--?[a-z][a-z-]*)", args)
+        assert flags and set(flags) <= known, set(flags) - known
