@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The project's GPU check: one GPU, no network, about 8-9 minutes on an H100 (stages are time-limited). Prints, for d20
+# The project's GPU check: one GPU, no network, stages time-limited (about 8-9 minutes on an H100 before the compiled
+# optimizer and decode steps of 2026-12-07, whose cold compiles are not yet measured: `d20`, `pipeline` or `train`, `decode`,
+# `pipeline` split it into calls of under 10 minutes). Prints, for d20
 # (vocab 65,536, sequence 2048) trained a few steps with --sync ddp (micro-batch auto), --sync diloco and --sync
 # diloco --outer-device cpu (at the micro-batch auto chose), and --sync ddp at 262,144 tokens per step, the peak memory
 # allocated, the MFU and the optimizer step's time; the decode
@@ -13,7 +15,9 @@
 #
 #   bash bench/gpu_check.sh prepare   # on any CPU machine: data, tokenizers, task records, a tiny model (artifacts/gpu_check)
 #   bash bench/gpu_check.sh           # on the GPU machine, with artifacts/gpu_check carried along: d20, then the pipeline
-#   bash bench/gpu_check.sh d20       # only the d20 part;  ... pipeline: only the pipeline part (each fits one 10-min call)
+#   bash bench/gpu_check.sh d20       # only the d20 part (train + decode);  ... pipeline: only the pipeline part
+#   bash bench/gpu_check.sh train     # d20 training alone;  ... decode: d20 decoding and chat_web alone. Compiling the
+#                                     # training and decode steps from a cold cache may take d20 past one 10-min call
 #   GPU_CHECK_DEVICE=cpu bash bench/gpu_check.sh pipeline   # the pipeline part rehearsed on CPU
 #
 # The data folder is ignored by git (/artifacts/): copy it with the checkout. GPU_CHECK_DATA moves it;
@@ -26,7 +30,8 @@ OUT="$(realpath -m "${GPU_CHECK_OUT:-out/gpu_check}")"
 # or python. A .venv carried from another machine links to that machine's interpreter, or to one with its CPU-only
 # packages: say so, never fall back silently
 MODE="${1:-all}"
-case "$MODE" in prepare|all|d20|pipeline) ;; *) echo "usage: bash bench/gpu_check.sh [prepare|all|d20|pipeline]" >&2; exit 2;; esac
+case "$MODE" in prepare|all|d20|train|decode|pipeline) ;;
+    *) echo "usage: bash bench/gpu_check.sh [prepare|all|d20|train|decode|pipeline]" >&2; exit 2;; esac
 ON="${GPU_CHECK_DEVICE:-cuda}"
 if [ "$ON" = cpu ] && [ "$MODE" != pipeline ] && [ "$MODE" != prepare ]; then
     echo "error: GPU_CHECK_DEVICE=cpu rehearses only the pipeline part: bash bench/gpu_check.sh pipeline" >&2; exit 2
@@ -167,7 +172,7 @@ EOF
     kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; SERVER=""
 }
 
-d20_part() {  # sections 1-3 (not indented: they hold heredocs)
+train_part() {  # section 1
 
 # 1. d20 training, a few steps per arm (the first compiles; later arms reuse the compile caches). One process
 #    under torchrun, as a real run (nccl); 6 steps of 65,536 tokens, what each of 8 GPUs takes per step of the d20
@@ -190,6 +195,9 @@ train diloco 150 --sync diloco --diloco-h 2 --device-batch-size "$batch"
 train diloco_outer_cpu 150 --sync diloco --diloco-h 2 --outer-device cpu --device-batch-size "$batch"
 # MFU at 4x the tokens per step (more micro-steps per optimizer step: the optimizer's share of a step shrinks)
 train ddp_262k 150 --sync ddp --total-batch-size 262144 --device-batch-size "$batch"
+}
+
+decode_part() {  # sections 2-3 (not indented: they hold heredocs)
 
 # 2. decoding at d20 (random weights): eager vs graph vs compiled graph, KV cache vs recompute; fails if a path's
 #    teacher-forced logits differ from GPT.forward's KV cache beyond bf16 rounding (greedy tokens of random weights are
@@ -206,8 +214,13 @@ NANOCHAT_BASE_DIR="$DATA/greedy" timeout 150 "$PY" -m bench.bench_inference -i s
     { echo "   FAILED (exit $?)"; failed=1; }
 grep -E "greedy tokens|teacher-forced|^error" "$OUT/bench_inference_greedy.log" | sed 's/^/   /'
 
-# 3. chat_web on the GPU serving the DDP run's checkpoint (a few steps old: the replies are not meant to read well)
-ask_chat_web chat_web -i base --model-tag gc_ddp
+# 3. chat_web on the GPU serving the DDP run's checkpoint (a few steps old: the replies are not meant to read well), or
+#    without the training part the tiny trained chat model
+if [ -d "$WORK/checkpoints/base/gc_ddp" ]; then
+    ask_chat_web chat_web -i base --model-tag gc_ddp
+else
+    NANOCHAT_BASE_DIR="$DATA/greedy" ask_chat_web chat_web -i sft --model-tag tiny
+fi
 }
 
 # 4. the whole pipeline on a micro model (scripts/compare.py --scale micro), in a base dir of its own: tokenizer (vocab
@@ -251,8 +264,13 @@ pipeline_part() {
         "$(cat "$OUT/chat_web_micro_replies.jsonl" 2>/dev/null | wc -l)" | tee -a "$OUT/pipeline.txt"
 }
 
-[ "$MODE" = pipeline ] || d20_part
-[ "$MODE" = d20 ] || pipeline_part
+case "$MODE" in
+    all) train_part; decode_part; pipeline_part;;
+    d20) train_part; decode_part;;
+    train) train_part;;
+    decode) decode_part;;
+    pipeline) pipeline_part;;
+esac
 
 # Summary: the d20 arms' peak memory, and MFU and tokens/s over the steps after the first two (which include compilation), as
 # total tokens over total time: a DiLoCo arm's outer steps (every second step here) count in full; the median
@@ -261,9 +279,9 @@ pipeline_part() {
 import re, statistics, sys
 out, mode = sys.argv[1], sys.argv[2]
 print(open(f"{out}/device.txt").read().strip())
-if mode != "pipeline":
+if mode in ("all", "d20", "train"):
     print(f"{'arm':<22} {'batch':>5} {'peak allocated':>15} {'MFU':>7} {'tok/s':>9} {'opt ms':>7}")
-for arm in ("ddp", "diloco", "diloco_outer_cpu", "ddp_262k") if mode != "pipeline" else ():
+for arm in ("ddp", "diloco", "diloco_outer_cpu", "ddp_262k") if mode in ("all", "d20", "train") else ():
     try:
         log = open(f"{out}/train_{arm}.log").read()
     except FileNotFoundError:
@@ -277,7 +295,7 @@ for arm in ("ddp", "diloco", "diloco_outer_cpu", "ddp_262k") if mode != "pipelin
     opt = f"{statistics.median(int(o) for o in opts):g}" if opts else "-"
     print(f"{arm:<22} {batch[0] if batch else '-':>5} {(peak[0] + ' MiB') if peak else 'failed':>15} {mfu:>7} {tps:>9} "
           f"{opt:>7}")
-if mode == "d20":
+if mode != "all" and mode != "pipeline":
     sys.exit()
 try:  # the pipeline part: each stage's outcome and seconds, then each arm's figures (micro model: only that they exist)
     print("pipeline (micro model):\n" + open(f"{out}/pipeline.txt").read().rstrip())
