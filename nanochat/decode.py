@@ -78,8 +78,8 @@ class StaticKVCache:
         if prev is not None:
             self.prev_embedding.copy_(prev)
 
-    def rotary(self, cos, sin, T):  # T = 1: one token per row; cast once here, not per layer (the same values)
-        return cos.index_select(1, self.pos).to(self.dtype), sin.index_select(1, self.pos).to(self.dtype)
+    def rotary(self, cos, sin, T):  # T = 1: one token per row (GPT.forward casts them once under autocast)
+        return cos.index_select(1, self.pos), sin.index_select(1, self.pos)
 
     def swap_prev_embedding(self, x_last):
         last = self.prev_embedding.clone()
